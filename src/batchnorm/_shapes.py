@@ -1,0 +1,292 @@
+"""Validation and the canonical view, in one place for every backend.
+
+Every call resolves its ``mode`` / ``channel_axis`` / ``axis`` arguments into a
+:class:`Layout`: which axes are reduced, which are kept (the "channels"), and the shape
+the parameters must have. Kernels never see "NCHW" or "per_activation": they get the
+3-d view ``(A, C, B)`` of :func:`as_3d`, reduced over ``A`` and ``B``, with
+``C = prod(kept shape)``. Spatial NCHW is ``(N, C, H*W)``, channels-last is
+``(N*H*W, C, 1)``, per-activation is ``(N, C*H*W, 1)``.
+
+The error types and messages here are part of the contract (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MODES = ("per_activation", "spatial", "spatial_persistent")
+BACKENDS = ("auto", "reference", "cpu", "gpu")
+
+DEFAULT_MODE = "spatial"
+DEFAULT_CHANNEL_AXIS = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one call sees its input.
+
+    Attributes:
+        shape: the input's shape.
+        mode: the resolved mode (``"axis"`` when an explicit ``axis`` tuple was given).
+        reduce_axes: axes the statistics are taken over, ascending.
+        kept_axes: the other axes, ascending; parameters have their sizes in this order.
+        param_shape: shape of gamma / beta / mean / var / saved statistics.
+        count: M, the number of values per channel (product of the reduced sizes).
+        channels: C, the number of channels (product of ``param_shape``).
+    """
+
+    shape: tuple[int, ...]
+    mode: str
+    reduce_axes: tuple[int, ...]
+    kept_axes: tuple[int, ...]
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.kept_axes)
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape[a] for a in self.reduce_axes)
+
+    @property
+    def channels(self) -> int:
+        return math.prod(self.param_shape)
+
+    @property
+    def broadcast_shape(self) -> tuple[int, ...]:
+        """The input's shape with reduced axes set to 1: parameters reshape to this."""
+        return tuple(1 if a in self.reduce_axes else n for a, n in enumerate(self.shape))
+
+    @property
+    def kept_adjacent(self) -> bool:
+        """True when the kept axes are consecutive, so :func:`as_3d` can be a view."""
+        k = self.kept_axes
+        return not k or k[-1] - k[0] + 1 == len(k)
+
+    @property
+    def dims3(self) -> tuple[int, int, int]:
+        """``(A, C, B)``: reduced size before the kept block, channels, reduced size after."""
+        if not self.kept_axes:
+            return (self.count, 1, 1)
+        first = self.kept_axes[0]
+        before = math.prod(self.shape[a] for a in self.reduce_axes if a < first)
+        after = math.prod(self.shape[a] for a in self.reduce_axes if a > first)
+        return (before, self.channels, after)
+
+
+def _fail(exc: type[Exception], message: str) -> None:
+    raise exc(message)
+
+
+def resolve_layout(
+    shape: tuple[int, ...],
+    mode: str = DEFAULT_MODE,
+    channel_axis: int = DEFAULT_CHANNEL_AXIS,
+    axis: Any = None,
+) -> Layout:
+    """Turn the user's ``mode`` / ``channel_axis`` / ``axis`` into a :class:`Layout`.
+
+    ``axis`` (Chainer's convention, the axes to reduce over) replaces ``mode`` and
+    ``channel_axis``; giving it together with a non-default mode or channel axis is an error.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    if axis is not None:
+        if mode != DEFAULT_MODE or channel_axis != DEFAULT_CHANNEL_AXIS:
+            _fail(ValueError, "give either `axis` or `mode`/`channel_axis`, not both")
+        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+        if not axes:
+            _fail(ValueError, "`axis` must name at least one axis to reduce over")
+        norm = []
+        for a in axes:
+            if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+                _fail(
+                    ValueError,
+                    f"`axis` entry {a!r} is out of range for an input of rank {ndim}; "
+                    f"valid choices are integers in [{-ndim}, {ndim - 1}]",
+                )
+            norm.append(int(a) % ndim)
+        if len(set(norm)) != len(norm):
+            _fail(ValueError, f"`axis` {tuple(axes)} names an axis twice")
+        reduce_axes = tuple(sorted(norm))
+        kept = tuple(a for a in range(ndim) if a not in reduce_axes)
+        return Layout(shape, "axis", reduce_axes, kept)
+
+    if mode not in MODES:
+        _fail(ValueError, f"unknown mode {mode!r}; valid choices are {', '.join(map(repr, MODES))}")
+    if ndim < 2:
+        _fail(
+            ValueError,
+            f"expected an input of rank 2 or more (N, C, ...), got shape {shape}",
+        )
+    valid = [*range(1, ndim), *range(-ndim + 1, 0)]
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)) or (
+        channel_axis not in valid
+    ):
+        _fail(
+            ValueError,
+            f"channel_axis {channel_axis!r} is out of range for an input of rank {ndim}; "
+            f"valid choices are {valid} (axis 0 is the batch axis)",
+        )
+    if mode == "per_activation":
+        reduce_axes = (0,)
+    else:
+        c = int(channel_axis) % ndim
+        reduce_axes = tuple(a for a in range(ndim) if a != c)
+    kept = tuple(a for a in range(ndim) if a not in reduce_axes)
+    return Layout(shape, mode, reduce_axes, kept)
+
+
+def check_float_dtype(name: str, dtype: Any) -> None:
+    """Refuse integer, bool and complex arrays with a TypeError (SPEC section 5)."""
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        _fail(
+            TypeError,
+            f"`{name}` must have a floating-point dtype (float16, float32, float64), got {dt}",
+        )
+
+
+def stats_dtype(dtype: Any) -> np.dtype:
+    """float64 statistics for float64 input, float32 for every narrower float."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def as_array(name: str, value: Any) -> np.ndarray:
+    """The value as a NumPy float array (no copy for arrays), or a TypeError."""
+    arr = np.asarray(value)
+    check_float_dtype(name, arr.dtype)
+    return arr
+
+
+def check_param(name: str, value: Any, layout: Layout, *, optional: bool = True) -> Any:
+    """Validate a per-channel argument: floating dtype and exactly ``layout.param_shape``."""
+    if value is None:
+        if optional:
+            return None
+        _fail(ValueError, f"`{name}` is required")
+    arr = as_array(name, value)
+    expected = layout.param_shape
+    if arr.shape != expected:
+        _fail(
+            ValueError,
+            f"`{name}` must have shape {expected} (the kept axes of an input of shape "
+            f"{layout.shape} in mode {layout.mode!r}), got shape {arr.shape}",
+        )
+    return arr
+
+
+def check_running(name: str, value: Any, layout: Layout) -> np.ndarray | None:
+    """Running statistics are updated in place, so they must be writable ndarrays."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray):
+        _fail(
+            TypeError,
+            f"`{name}` is updated in place and must be a NumPy array, got {type(value).__name__}",
+        )
+    arr = check_param(name, value, layout)
+    if not arr.flags.writeable:
+        _fail(ValueError, f"`{name}` is updated in place but is read-only")
+    return arr
+
+
+def check_scalars(eps: Any, momentum: Any = 0.0) -> tuple[float, float]:
+    """``eps`` finite and >= 0; ``momentum`` in [0, 1]."""
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        _fail(ValueError, f"eps must be a finite number >= 0, got {eps!r}")
+    if not math.isfinite(e) or e < 0:
+        _fail(ValueError, f"eps must be a finite number >= 0, got {eps!r}")
+    try:
+        m = float(momentum)
+    except (TypeError, ValueError):
+        _fail(ValueError, f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not 0.0 <= m <= 1.0:  # also refuses NaN
+        _fail(ValueError, f"momentum must be a number in [0, 1], got {momentum!r}")
+    return e, m
+
+
+def check_training_count(layout: Layout) -> None:
+    """At least two values per channel are needed for a variance (empty input is allowed)."""
+    if layout.count == 1 and math.prod(layout.shape) > 0:
+        _fail(
+            ValueError,
+            "Expected more than 1 value per channel when training, "
+            f"got input size {layout.shape}",
+        )
+
+
+def check_same_shape(name: str, arr: np.ndarray, layout: Layout) -> None:
+    if tuple(arr.shape) != layout.shape:
+        _fail(ValueError, f"`{name}` must have the input's shape {layout.shape}, got {arr.shape}")
+
+
+def check_out(out: Any, x: np.ndarray, *inputs: Any) -> np.ndarray | None:
+    """``out`` must be a writable ndarray of x's shape and dtype that overlaps no input."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        _fail(TypeError, f"`out` must be a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape:
+        _fail(ValueError, f"`out` must have the input's shape {x.shape}, got {out.shape}")
+    if out.dtype != x.dtype:
+        _fail(TypeError, f"`out` must have the input's dtype {x.dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        _fail(ValueError, "`out` is read-only")
+    for arr in (x, *inputs):
+        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
+            _fail(ValueError, "`out` overlaps an input; pass a separate buffer")
+    return out
+
+
+def channel_names(layout: Layout, bad: np.ndarray) -> str:
+    """Human-readable list of the flagged channels (multi-index for per-activation)."""
+    idx = np.flatnonzero(np.asarray(bad).reshape(-1))
+    shape = layout.param_shape
+    names = [
+        str(int(i)) if len(shape) == 1 else str(tuple(int(j) for j in np.unravel_index(i, shape)))
+        for i in idx[:20]
+    ]
+    more = f" and {idx.size - 20} more" if idx.size > 20 else ""
+    return ", ".join(names) + more
+
+
+def as_3d(arr: np.ndarray, layout: Layout) -> np.ndarray:
+    """View ``arr`` (of ``layout.shape``) as ``(A, C, B)``; a view whenever NumPy can make one.
+
+    When the kept axes are not adjacent the kept block is first moved together, which copies.
+    Reshaping a non-contiguous array may also copy: callers that write into the result must
+    check ``np.shares_memory`` (see :func:`writable_3d`).
+    """
+    if not layout.kept_adjacent:
+        kept = layout.kept_axes
+        before = [a for a in layout.reduce_axes if a < kept[0]]
+        after = [a for a in layout.reduce_axes if a > kept[0]]
+        arr = arr.transpose(before + list(kept) + after)
+    return arr.reshape(layout.dims3)
+
+
+def writable_3d(arr: np.ndarray, layout: Layout) -> tuple[np.ndarray, bool]:
+    """``(view, is_view)``: the 3-d view of an output, or a fresh buffer to copy back from."""
+    view = as_3d(arr, layout)
+    if arr.size == 0 or np.shares_memory(view, arr):
+        return view, True
+    return np.empty(layout.dims3, dtype=arr.dtype), False
+
+
+def from_3d(buf: np.ndarray, arr: np.ndarray, layout: Layout) -> None:
+    """Copy a 3-d result back into ``arr`` (the inverse of :func:`as_3d`)."""
+    if not layout.kept_adjacent:
+        kept = layout.kept_axes
+        before = [a for a in layout.reduce_axes if a < kept[0]]
+        after = [a for a in layout.reduce_axes if a > kept[0]]
+        order = before + list(kept) + after
+        arr.transpose(order)[...] = buf.reshape([layout.shape[a] for a in order])
+    else:
+        arr[...] = buf.reshape(layout.shape)

@@ -1,0 +1,65 @@
+"""Backend registry: ``"reference" | "cpu" | "gpu"`` and the ``"auto"`` choice.
+
+A backend is a module with ``NAME``, ``unavailable_reason(x) -> str | None`` and the three
+functions of :mod:`batchnorm.reference` (same signatures, same results within the dtype's
+tolerance). Backends are imported lazily, so a missing optional dependency (Numba, Triton)
+costs nothing until that backend is asked for.
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailable` with the
+reason; ``"auto"`` quietly takes the first that can, in the order of ``AUTO_ORDER``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {
+    "reference": "batchnorm.reference",
+    "cpu": "batchnorm.backends.cpu",
+    "gpu": "batchnorm.backends.gpu",
+}
+AUTO_ORDER = ("gpu", "cpu", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:  # missing optional dependency or not built yet
+        return None, f"the {name!r} backend could not be imported: {exc}"
+
+
+def select(name: str, x) -> ModuleType:
+    """The backend module that runs a call on ``x``.
+
+    Args:
+        name: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"gpu"``.
+        x: the call's input array (or tensor); backends decide whether they accept it.
+    """
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            module, _ = _load(candidate)
+            if module is not None and module.unavailable_reason(x) is None:
+                return module
+        raise BackendUnavailable(f"no backend can run an input of type {type(x).__name__}")
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown backend {name!r}; valid choices are 'auto', "
+            + ", ".join(repr(n) for n in _MODULES)
+        )
+    module, reason = _load(name)
+    if module is None:
+        raise BackendUnavailable(reason)
+    reason = module.unavailable_reason(x)
+    if reason is not None:
+        raise BackendUnavailable(f"the {name!r} backend cannot run this call: {reason}")
+    return module
+
+
+def available() -> dict[str, str | None]:
+    """Each backend's name mapped to None if it imports, else the reason it does not."""
+    return {name: _load(name)[1] for name in _MODULES}
