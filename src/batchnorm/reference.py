@@ -39,9 +39,10 @@ def inverse_std(var: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _write(result: np.ndarray, out: np.ndarray | None, dtype) -> np.ndarray:
-    if out is None:
-        return result.astype(dtype)
-    out[...] = result
+    with np.errstate(over="ignore"):  # overflow to inf in a narrow dtype is reported by
+        if out is None:               # check_finite, not by a NumPy warning
+            return result.astype(dtype)
+        out[...] = result
     return out
 
 
@@ -51,6 +52,7 @@ def _update_running(running, momentum: float, batch_value: np.ndarray) -> None:
         running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
 
 
+@np.errstate(invalid="ignore", over="ignore")  # NaN/Inf inputs propagate; check_finite reports
 def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, running_mean=None,
                      running_var=None, out=None, check_finite=False):
     """y = gamma * (x - mu) / sqrt(var + eps) + beta with the batch's mu and biased var.
@@ -83,6 +85,7 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     return y, mean, invstd, bad
 
 
+@np.errstate(invalid="ignore", over="ignore")
 def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=None):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the given statistics."""
     if x.size == 0:
@@ -93,6 +96,7 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     return _write(y, out, x.dtype)
 
 
+@np.errstate(invalid="ignore", over="ignore")
 def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=None):
     """dx, dgamma, dbeta from dy and the saved mean / invstd (SPEC section 1).
 
