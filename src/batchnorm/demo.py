@@ -1,0 +1,181 @@
+"""``batchnorm demo``: train a small CNN on scikit-learn's 8x8 digits three ways.
+
+1. with ``batchnorm.torch`` layers (a ``torch.nn`` model passed through ``convert_model``),
+2. with ``torch.nn`` batch norm (the same initial weights),
+3. without batch norm.
+
+The first two must agree step by step within float32 tolerance; the demo prints the largest
+difference it saw and exits with status 1 if they drift apart. The digits ship inside
+scikit-learn, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+
+# Relative loss difference allowed between our layers and torch.nn's at any step. Both run
+# float32 with different summation orders, so a few ulps per step compound slowly.
+AGREEMENT_RTOL = 1e-3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quarter of the training set (for smoke tests)")
+    parser.add_argument("--plot", default="demo.png", metavar="PATH",
+                        help="where to save the loss curves (PNG, default demo.png)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+
+
+def load_digits_split(seed: int, quick: bool):
+    """The 1797 digits as float32 (N, 1, 8, 8) in [0, 1], split 80/20 with a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = data.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = len(x) // 5
+    test, train = order[:n_test], order[n_test:]
+    if quick:
+        train = train[: len(train) // 4]
+    return x[train], y[train], x[test], y[test]
+
+
+def make_cnn(with_bn: bool):
+    """conv-BN-ReLU x3 with a residual, then Linear-BatchNorm1d-ReLU-Linear."""
+    import torch.nn as nn
+
+    def norm2d(c):
+        return nn.BatchNorm2d(c) if with_bn else nn.Identity()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=not with_bn),
+                                      norm2d(16), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=not with_bn),
+                                       norm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 16, 3, padding=1, bias=not with_bn),
+                                       norm2d(16))
+            self.pool = nn.MaxPool2d(2)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 64),
+                                      nn.BatchNorm1d(64) if with_bn else nn.Identity(),
+                                      nn.ReLU(), nn.Linear(64, 10))
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = nn.functional.relu(h + self.block(h))   # residual connection
+            return self.head(self.pool(h))
+
+    return Net()
+
+
+def _evaluate(model, x, y):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y).item()
+        acc = (logits.argmax(1) == y).float().mean().item()
+    model.train()
+    return loss, acc
+
+
+def run(args) -> int:
+    """Train the three models in lock step; print the table; save the plot."""
+    import torch
+
+    from ._console import console, progress_bar, table
+    from .torch import convert_model
+
+    if args.epochs < 1 or args.batch < 2:
+        console("--epochs must be >= 1 and --batch >= 2")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    xtr, ytr, xte, yte = (torch.from_numpy(a) for a in load_digits_split(args.seed, args.quick))
+
+    torch.manual_seed(args.seed)
+    reference_net = make_cnn(with_bn=True)
+    torch.manual_seed(args.seed)
+    plain_net = make_cnn(with_bn=False)
+    models = {
+        "batchnorm.torch": convert_model(copy.deepcopy(reference_net)),
+        "torch.nn BN": reference_net,
+        "no BN": plain_net,
+    }
+    opts = {k: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for k, m in models.items()}
+    losses = {k: [] for k in models}
+    seconds = dict.fromkeys(models, 0.0)
+    worst = 0.0       # largest relative loss difference, ours vs torch.nn, over all steps
+
+    n = len(xtr)
+    steps = (n // args.batch) * args.epochs     # drop the last partial batch: BN needs > 1
+    gen = torch.Generator().manual_seed(args.seed)
+    with progress_bar("training 3 models", total=steps) as advance:
+        for _epoch in range(args.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for i in range(n // args.batch):
+                idx = perm[i * args.batch:(i + 1) * args.batch]
+                xb, yb = xtr[idx], ytr[idx]
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    opts[name].zero_grad()
+                    loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    opts[name].step()
+                    seconds[name] += time.perf_counter() - t0
+                    losses[name].append(loss.item())
+                a, b = losses["batchnorm.torch"][-1], losses["torch.nn BN"][-1]
+                worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+                advance()
+
+    rows = []
+    for name, model in models.items():
+        test_loss, test_acc = _evaluate(model, xte, yte)
+        rows.append([name, f"{100 * test_acc:.1f} %", f"{test_loss:.4f}",
+                     f"{np.mean(losses[name][-(n // args.batch):]):.4f}",
+                     f"{1000 * seconds[name] / args.epochs:.0f} ms"])
+    table(f"8x8 digits: {n} training and {len(xte)} test images, {args.epochs} epochs, "
+          f"batch {args.batch}",
+          ["model", "test accuracy", "test loss", "last-epoch train loss", "time / epoch"], rows)
+    agree = worst <= AGREEMENT_RTOL
+    console(f"batchnorm.torch vs torch.nn, largest relative loss difference over {steps} steps: "
+            f"{worst:.1e} -> {'agree' if agree else 'DISAGREE'} within float32 tolerance "
+            f"({AGREEMENT_RTOL:g})")
+    if not args.no_plot:
+        _plot(losses, args.plot, n // args.batch)
+        console(f"loss curves saved to {args.plot}")
+    return 0 if agree else 1
+
+
+def _plot(losses: dict, path: str, steps_per_epoch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, curve in losses.items():
+        ax.plot(np.arange(1, len(curve) + 1) / steps_per_epoch, curve, label=name,
+                linestyle="--" if name == "torch.nn BN" else "-", linewidth=1.4)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_yscale("log")
+    ax.set_title("8x8 digits: with and without batch norm")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
