@@ -248,3 +248,23 @@ def test_unavailable_reason():
     assert "CUDA" in gpu.unavailable_reason(torch.zeros(2, 3))
     assert "float64" in gpu.unavailable_reason(torch.zeros(2, 3, dtype=torch.float64))
     assert select("auto", np.zeros((2, 3), np.float32)).NAME != "gpu"
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_bfloat16(name, path):
+    """bfloat16 is only loaded and stored (math is float32), which the interpreter supports."""
+    x, layout = make_x(name, torch.bfloat16)
+    dy, _ = make_x(name, torch.bfloat16, seed=5, loc=0.0)
+    gamma, beta = params(layout)
+    x32, dy32 = npy(x.float()), npy(dy.float())
+    y, mean, invstd, _ = gpu.forward_training(x, gamma, beta, layout, eps=1e-5)
+    y_r, mean_r, invstd_r, _ = ref.forward_training(x32, npy(gamma), npy(beta), layout, eps=1e-5)
+    assert y.dtype == torch.bfloat16
+    close(y.float(), y_r, (3e-2, 3e-2), "y")
+    close(mean, mean_r, STAT_TOL, "mean")
+    close(invstd, invstd_r, STAT_TOL, "invstd")
+    dx, dgamma, dbeta = gpu.backward(dy, x, gamma, mean, invstd, layout)
+    dx_r, dgamma_r, dbeta_r = ref.backward(dy32, x32, npy(gamma), npy(mean), npy(invstd), layout)
+    close(dx.float(), dx_r, (3e-2, 3e-2), "dx")
+    close(dgamma, dgamma_r, (1e-4, 1e-4), "dgamma")
+    close(dbeta, dbeta_r, (1e-4, 1e-4), "dbeta")
