@@ -1,0 +1,270 @@
+"""The gpu backend's Triton kernels against the reference, run on CPU through the interpreter.
+
+``TRITON_INTERPRET=1`` makes Triton execute kernels in Python on CPU tensors; the launchers
+accept CPU tensors in that mode. The interpreter runs programs one after another, so shapes
+are small; the split path is forced with tiny tiles so that it still has many programs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from batchnorm import reference as ref  # noqa: E402
+from batchnorm._shapes import resolve_layout  # noqa: E402
+from batchnorm.backends import gpu, select  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+# dtype -> (atol, rtol) for outputs in the input dtype; statistics are float32 throughout.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}
+STAT_TOL = (2e-5, 2e-5)
+
+# name -> (shape, make-x-from-contiguous, resolve_layout kwargs)
+LAYOUTS = {
+    "nchw": ((5, 3, 4, 6), None, dict(mode="spatial", channel_axis=1)),
+    "nchw_channels_last": ((5, 3, 4, 6), "channels_last", dict(mode="spatial", channel_axis=1)),
+    "nhwc": ((5, 4, 6, 3), None, dict(mode="spatial", channel_axis=-1)),
+    "per_activation": ((6, 3, 4), None, dict(mode="per_activation", channel_axis=1)),
+    "ncl_prime": ((3, 2, 37), None, dict(mode="spatial", channel_axis=1)),
+    "nc_2d": ((9, 7), None, dict(mode="spatial", channel_axis=1)),
+    "axis_not_adjacent": ((4, 3, 5, 2), None, dict(axis=(0, 2))),
+    "sliced": ((5, 3, 4, 12), "sliced", dict(mode="spatial", channel_axis=1)),
+    "hw_transposed": ((5, 3, 6, 4), "hw_transposed", dict(mode="spatial", channel_axis=1)),
+}
+
+
+@pytest.fixture(params=["persistent", "split"])
+def path(request, monkeypatch):
+    """Run each test once on the persistent kernels and once on the split kernels."""
+    if request.param == "split":
+        monkeypatch.setattr(gpu, "PERSISTENT_MAX_ELEMS", 0)
+        monkeypatch.setattr(gpu, "TILE_ELEMS", 16)  # many tiles even on tiny inputs
+        monkeypatch.setattr(gpu, "CL_BLOCK_C", 4)
+        monkeypatch.setattr(gpu, "PROGRAMS_PER_SM", 3)
+        monkeypatch.setattr(gpu, "FINALIZE_BLOCK_S", 2)  # several merge steps
+    return request.param
+
+
+def make_x(name, dtype, seed=0, loc=3.0):
+    shape, kind, kwargs = LAYOUTS[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 2 + loc).to(dtype)
+    if kind == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif kind == "sliced":
+        x = x[..., ::2]  # non-contiguous but viewable: B-stride 2
+    elif kind == "hw_transposed":
+        x = x.transpose(2, 3)  # H and W cannot merge into one axis: the launcher copies
+    x = x.to(DEVICE)
+    return x, resolve_layout(tuple(x.shape), **kwargs)
+
+
+def params(layout, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    p = layout.param_shape
+    return (torch.randn(p, generator=gen).to(DEVICE),
+            torch.randn(p, generator=gen).to(DEVICE))
+
+
+def npy(t):
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def close(got, want, tol, what):
+    got = np.asarray(npy(got) if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    diff = np.abs(got - want)
+    ok = np.allclose(got, want, atol=tol[0], rtol=tol[1], equal_nan=True)
+    assert ok, f"{what}: max diff {np.nanmax(diff):.3g}, mean diff {np.nanmean(diff):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forward_training_and_inference(name, dtype, path):
+    x, layout = make_x(name, dtype)
+    gamma, beta = params(layout)
+    rm = torch.linspace(-1, 1, layout.channels).reshape(layout.param_shape).to(DEVICE)
+    rv = torch.linspace(0.5, 2, layout.channels).reshape(layout.param_shape).to(DEVICE)
+    rm_ref, rv_ref = npy(rm).copy(), npy(rv).copy()
+    x_before = x.clone()
+
+    y, mean, invstd, bad = gpu.forward_training(
+        x, gamma, beta, layout, eps=1e-5, momentum=0.3, running_mean=rm, running_var=rv,
+        check_finite=True)
+    y_r, mean_r, invstd_r, _ = ref.forward_training(
+        npy(x), npy(gamma), npy(beta), layout, eps=1e-5, momentum=0.3, running_mean=rm_ref,
+        running_var=rv_ref)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.dtype == torch.float32 and invstd.dtype == torch.float32
+    close(y, y_r, TOL[dtype], "y")
+    close(mean, mean_r, STAT_TOL, "mean")
+    close(invstd, invstd_r, STAT_TOL, "invstd")
+    close(rm, rm_ref, STAT_TOL, "running_mean")
+    close(rv, rv_ref, STAT_TOL, "running_var")
+    assert not bad.any()
+    assert torch.equal(x, x_before)
+
+    y_i = gpu.forward_inference(x, gamma, beta, rm, rv, layout, eps=1e-3)
+    close(y_i, ref.forward_inference(npy(x), npy(gamma), npy(beta), npy(rm), npy(rv), layout,
+                                     eps=1e-3), TOL[dtype], "inference y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_backward(name, dtype, path):
+    x, layout = make_x(name, dtype)
+    dy, _ = make_x(name, dtype, seed=5, loc=0.0)
+    gamma, _ = params(layout)
+    _, mean, invstd, _ = gpu.forward_training(x, gamma, None, layout, eps=1e-5)
+    for training in (True, False):
+        dx, dgamma, dbeta = gpu.backward(dy, x, gamma, mean, invstd, layout, training=training)
+        dx_r, dgamma_r, dbeta_r = ref.backward(npy(dy), npy(x), npy(gamma), npy(mean),
+                                               npy(invstd), layout, training=training)
+        assert dx.dtype == dtype and dx.shape == x.shape
+        close(dx, dx_r, TOL[dtype], f"dx (training={training})")
+        close(dgamma, dgamma_r, (1e-4, 1e-4), "dgamma")
+        close(dbeta, dbeta_r, (1e-4, 1e-4), "dbeta")
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_no_affine_and_out(name, path):
+    x, layout = make_x(name, torch.float32)
+    out = torch.full_like(x, 7.0)
+    y, mean, invstd, bad = gpu.forward_training(x, None, None, layout, eps=1e-5, out=out)
+    assert y is out and bad is None
+    close(y, ref.forward_training(npy(x), None, None, layout, eps=1e-5)[0], TOL[torch.float32], "y")
+    dy = torch.ones_like(x)
+    dx_out = torch.empty_like(x)
+    dx, dgamma, dbeta = gpu.backward(dy, x, None, mean, invstd, layout, out=dx_out)
+    assert dx is dx_out and dgamma is None
+    dx_r, _, dbeta_r = ref.backward(npy(dy), npy(x), None, npy(mean), npy(invstd), layout)
+    close(dx, dx_r, TOL[torch.float32], "dx")
+    close(dbeta, dbeta_r, (1e-5, 1e-5), "dbeta")
+
+
+def test_out_not_viewable(path):
+    """An ``out`` that cannot be viewed as (A, C, B) is filled through a buffer."""
+    x, layout = make_x("nchw", torch.float32)
+    out = torch.zeros(5, 3, 6, 4, device=DEVICE).transpose(2, 3)
+    y, *_ = gpu.forward_training(x, None, None, layout, eps=1e-5, out=out)
+    assert y is out
+    close(out, ref.forward_training(npy(x), None, None, layout, eps=1e-5)[0], TOL[torch.float32],
+          "y")
+
+
+def test_zero_size(path):
+    x = torch.empty((0, 3, 4), device=DEVICE)
+    layout = resolve_layout(x.shape)
+    gamma, beta = params(layout)
+    rm, rv = torch.ones(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y, mean, invstd, bad = gpu.forward_training(x, gamma, beta, layout, eps=1e-5,
+                                                running_mean=rm, running_var=rv,
+                                                check_finite=True)
+    assert y.shape == x.shape
+    assert torch.all(mean == 0) and torch.all(invstd == 0) and not bad.any()
+    assert torch.all(rm == 1) and torch.all(rv == 1)
+    assert gpu.forward_inference(x, gamma, beta, rm, rv, layout, eps=1e-5).shape == x.shape
+    dx, dgamma, dbeta = gpu.backward(x, x, gamma, mean, invstd, layout)
+    assert dx.shape == x.shape and torch.all(dgamma == 0) and torch.all(dbeta == 0)
+
+
+def test_constant_channel_eps_zero(path):
+    x, layout = make_x("nchw", torch.float32)
+    x[:, 1] = 1.5
+    gamma, beta = params(layout)
+    y, mean, invstd, bad = gpu.forward_training(x, gamma, beta, layout, eps=0.0,
+                                                check_finite=True)
+    assert invstd[1] == 0 and mean[1] == 1.5 and not bad.any()
+    assert torch.all(y[:, 1] == beta[1])
+    y_r, mean_r, invstd_r, _ = ref.forward_training(npy(x), npy(gamma), npy(beta), layout,
+                                                    eps=0.0)
+    close(y, y_r, TOL[torch.float32], "y")
+    dy, _ = make_x("nchw", torch.float32, seed=3)
+    dx, _, _ = gpu.backward(dy, x, gamma, mean, invstd, layout)
+    assert torch.all(dx[:, 1] == 0)
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_nan_channel_is_flagged_and_contained(name, path):
+    x, layout = make_x(name, torch.float32)
+    chan = (slice(None), 2) if name == "nchw" else (..., 2)
+    x[chan] = x[chan].clone()
+    flat = x[chan].reshape(-1)
+    flat[3] = float("nan")
+    x[chan] = flat.reshape(x[chan].shape)
+    y, mean, invstd, bad = gpu.forward_training(x, None, None, layout, eps=1e-5,
+                                                check_finite=True)
+    assert bad.tolist() == [False, False, True]
+    assert torch.isnan(mean[2])
+    y_r, mean_r, _, _ = ref.forward_training(npy(x), None, None, layout, eps=1e-5)
+    keep = (slice(None), slice(0, 2)) if name == "nchw" else (..., slice(0, 2))
+    close(y[keep], y_r[keep], TOL[torch.float32], "y of the finite channels")
+    assert torch.isnan(y[chan]).all()
+
+
+def test_fp16_overflow_is_reported(path):
+    """A float16 output that overflows is flagged, not silently Inf."""
+    x, layout = make_x("nchw", torch.float16)
+    gamma = torch.tensor([1.0, 1e6, 1.0], device=DEVICE)
+    _, _, _, bad = gpu.forward_training(x, gamma, None, layout, eps=1e-5, check_finite=True)
+    assert bad.tolist() == [False, True, False]
+
+
+def test_deterministic(path):
+    x, layout = make_x("ncl_prime", torch.float32)
+    dy, _ = make_x("ncl_prime", torch.float32, seed=9)
+    first = gpu.forward_training(x, None, None, layout, eps=1e-5)
+    second = gpu.forward_training(x, None, None, layout, eps=1e-5)
+    for a, b in zip(first[:3], second[:3], strict=True):
+        assert torch.equal(a, b)
+    g1 = gpu.backward(dy, x, None, first[1], first[2], layout)
+    g2 = gpu.backward(dy, x, None, first[1], first[2], layout)
+    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[2], g2[2])
+
+
+def test_large_offset_is_cancellation_free(path):
+    """Mean 1e4, std 1: a sum of squares would lose every digit in float32."""
+    x, layout = make_x("ncl_prime", torch.float32, loc=1e4)
+    _, mean, invstd, _ = gpu.forward_training(x, None, None, layout, eps=0.0)
+    _, mean_r, invstd_r, _ = ref.forward_training(npy(x), None, None, layout, eps=0.0)
+    close(invstd, invstd_r, (1e-4, 1e-4), "invstd")
+
+
+def test_unavailable_reason():
+    assert gpu.unavailable_reason(np.zeros((2, 3), np.float32)) == (
+        "the gpu backend works on CUDA torch tensors; use batchnorm.torch")
+    assert "CUDA" in gpu.unavailable_reason(torch.zeros(2, 3))
+    assert "float64" in gpu.unavailable_reason(torch.zeros(2, 3, dtype=torch.float64))
+    assert select("auto", np.zeros((2, 3), np.float32)).NAME != "gpu"
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_bfloat16(name, path):
+    """bfloat16 is only loaded and stored (math is float32), which the interpreter supports."""
+    x, layout = make_x(name, torch.bfloat16)
+    dy, _ = make_x(name, torch.bfloat16, seed=5, loc=0.0)
+    gamma, beta = params(layout)
+    x32, dy32 = npy(x.float()), npy(dy.float())
+    y, mean, invstd, _ = gpu.forward_training(x, gamma, beta, layout, eps=1e-5)
+    y_r, mean_r, invstd_r, _ = ref.forward_training(x32, npy(gamma), npy(beta), layout, eps=1e-5)
+    assert y.dtype == torch.bfloat16
+    close(y.float(), y_r, (3e-2, 3e-2), "y")
+    close(mean, mean_r, STAT_TOL, "mean")
+    close(invstd, invstd_r, STAT_TOL, "invstd")
+    dx, dgamma, dbeta = gpu.backward(dy, x, gamma, mean, invstd, layout)
+    dx_r, dgamma_r, dbeta_r = ref.backward(dy32, x32, npy(gamma), npy(mean), npy(invstd), layout)
+    close(dx.float(), dx_r, (3e-2, 3e-2), "dx")
+    close(dgamma, dgamma_r, (1e-4, 1e-4), "dgamma")
+    close(dbeta, dbeta_r, (1e-4, 1e-4), "dbeta")
