@@ -247,6 +247,8 @@ def check_out(out: Any, x: np.ndarray, *inputs: Any) -> np.ndarray | None:
 
 def channel_names(layout: Layout, bad: np.ndarray) -> str:
     """Human-readable list of the flagged channels (multi-index for per-activation)."""
+    if hasattr(bad, "cpu"):  # a torch mask from the GPU backend
+        bad = bad.cpu().numpy()
     idx = np.flatnonzero(np.asarray(bad).reshape(-1))
     shape = layout.param_shape
     names = [
