@@ -1,0 +1,344 @@
+"""The benchmark suite: providers x passes x shapes -> a table and CSV rows.
+
+Batch norm is memory-bound, so each time is also given as a fraction of the machine's limit,
+measured in the same run: ``t_copy`` is the best time of a threaded copy of an array of x's
+size (same thread count as the kernels), and
+
+    f_fwd = 2 * bytes(x) / (t * B_copy) = t_copy / t          (forward training, inference)
+    f_bwd = 3 * bytes(x) / (t * B_copy) = 1.5 * t_copy / t    (backward)
+
+Providers: ``batchnorm-cpu`` (the public API with ``backend="cpu"``), ``torch``
+(``torch.nn.functional.batch_norm`` and its ATen ``.out`` kernels, same thread count, never
+upcast) and ``reference`` (slow; small shapes or ``--reference``). Each is timed writing into
+preallocated outputs (``alloc=prealloc``) and with fresh outputs (``alloc=fresh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+
+# (channels, height = width) -> number of BN layers in ResNet-50 with that shape.
+RESNET50 = [((64, 112), 1), ((64, 56), 6), ((256, 56), 4), ((128, 56), 1), ((128, 28), 7),
+            ((512, 28), 5), ((256, 28), 1), ((256, 14), 11), ((1024, 14), 7), ((512, 14), 1),
+            ((512, 7), 5), ((2048, 7), 4)]
+EXTRA = [("bn1d", (256, 4096)), ("bn1d", (4096, 256)), ("few-channel", (20, 6, 65536)),
+         ("tiny", (8, 64, 8, 8))]
+PASSES = ("fwd", "inf", "bwd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``batchnorm bench`` / ``benchmarks/cpu.py``."""
+    parser.add_argument("--quick", action="store_true", help="batch 8 and fewer repetitions")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 32)")
+    parser.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
+    parser.add_argument("--layout", default="both", choices=["nchw", "nhwc", "both"])
+    parser.add_argument("--pass", dest="passes", default="all",
+                        choices=["fwd", "inf", "bwd", "all"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both Numba and PyTorch (default: all cores)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    parser.add_argument("--csv", default=None, help="write CSV rows to this path")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the float64 reference on every shape (slow)")
+    parser.add_argument("--no-cold-start", action="store_true",
+                        help="skip the cold-start measurement (two subprocesses)")
+
+
+def _time(fn, reps: int) -> list[float]:
+    fn()  # warm-up: compile, first-touch pages of preallocated outputs
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _device() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
+
+
+def _versions() -> str:
+    import numba
+
+    import batchnorm
+
+    parts = [f"batchnorm {batchnorm.__version__}", f"numpy {np.__version__}",
+             f"numba {numba.__version__}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}")
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+class _Case:
+    """One (shape, layout): arrays for every provider, allocated once."""
+
+    def __init__(self, shape, layout, dtype, seed=0):
+        rng = np.random.default_rng(seed)
+        self.shape, self.layout = shape, layout
+        base = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        self.channel_axis = -1 if layout == "nhwc" else 1
+        # NHWC arrays are the same logical tensor stored channels-last
+        self.x = np.ascontiguousarray(np.moveaxis(base, 1, -1)) if layout == "nhwc" else base
+        self.dy = rng.standard_normal(self.x.shape, dtype=np.float32).astype(dtype)
+        c = shape[1]
+        self.gamma = np.ones(c, dtype)
+        self.beta = np.zeros(c, dtype)
+        self.rm = np.zeros(c, np.float32 if dtype != np.float64 else np.float64)
+        self.rv = np.ones_like(self.rm)
+        self.out = np.empty_like(self.x)
+        self.out[...] = 0  # touch the pages once
+        self.nbytes = self.x.nbytes
+
+
+def _bn_calls(case: _Case, pass_: str, prealloc: bool):
+    import batchnorm as bn
+
+    kw = dict(channel_axis=case.channel_axis, backend="cpu")
+    out = case.out if prealloc else None
+    if pass_ == "fwd":
+        return lambda: bn.forward_training(case.x, case.gamma, case.beta, running_mean=case.rm,
+                                           running_var=case.rv, out=out, **kw)
+    if pass_ == "inf":
+        return lambda: bn.forward_inference(case.x, case.gamma, case.beta, case.rm, case.rv,
+                                            out=out, **kw)
+    _, saved = bn.forward_training(case.x, case.gamma, case.beta, **kw)
+    return lambda: bn.backward(case.dy, case.x, case.gamma, saved, out=out, **kw)
+
+
+def _ref_calls(case: _Case, pass_: str):
+    import batchnorm as bn
+
+    kw = dict(channel_axis=case.channel_axis, backend="reference")
+    if pass_ == "fwd":
+        return lambda: bn.forward_training(case.x, case.gamma, case.beta, **kw)
+    if pass_ == "inf":
+        return lambda: bn.forward_inference(case.x, case.gamma, case.beta, case.rm, case.rv,
+                                            **kw)
+    _, saved = bn.forward_training(case.x, case.gamma, case.beta, **kw)
+    return lambda: bn.backward(case.dy, case.x, case.gamma, saved, **kw)
+
+
+def _torch_calls(case: _Case, pass_: str, prealloc: bool):
+    import torch
+
+    def t(a):
+        a = torch.from_numpy(a)
+        if case.layout == "nhwc":  # the same logical NCHW tensor, channels-last strides
+            a = a.movedim(-1, 1)
+        return a
+
+    x, dy, out = t(case.x), t(case.dy), t(case.out)
+    g, b = torch.from_numpy(case.gamma), torch.from_numpy(case.beta)
+    rm, rv = torch.from_numpy(case.rm), torch.from_numpy(case.rv)
+    c = x.shape[1]
+    sm, si = torch.empty(c, dtype=rm.dtype), torch.empty(c, dtype=rm.dtype)
+    aten = torch.ops.aten
+    if pass_ == "fwd":
+        if prealloc:
+            return lambda: aten.native_batch_norm.out(x, g, b, rm, rv, True, 0.1, 1e-5, out=out,
+                                                      save_mean=sm, save_invstd=si)
+        return lambda: torch.nn.functional.batch_norm(x, rm, rv, g, b, training=True)
+    if pass_ == "inf":
+        if prealloc:
+            e0, e1 = torch.empty(0, dtype=rm.dtype), torch.empty(0, dtype=rm.dtype)
+            return lambda: aten._native_batch_norm_legit_no_training.out(
+                x, g, b, rm, rv, 0.1, 1e-5, out0=out, out1=e0, out2=e1)
+        return lambda: torch.nn.functional.batch_norm(x, rm, rv, g, b, training=False)
+    _, sm, si = aten.native_batch_norm(x, g, b, None, None, True, 0.1, 1e-5)
+    mask = [True, True, True]
+    if prealloc:
+        g1, g2 = torch.empty(c, dtype=g.dtype), torch.empty(c, dtype=g.dtype)
+        return lambda: aten.native_batch_norm_backward.out(
+            dy, x, g, rm, rv, sm, si, True, 1e-5, mask, out0=out, out1=g1, out2=g2)
+    return lambda: aten.native_batch_norm_backward(dy, x, g, rm, rv, sm, si, True, 1e-5, mask)
+
+
+def _copy_time(case: _Case, reps: int) -> float:
+    """Best time of a threaded copy of x (the bandwidth limit, measured now)."""
+    try:
+        import torch
+
+        src, dst = torch.from_numpy(case.x), torch.from_numpy(case.out)
+        return min(_time(lambda: dst.copy_(src), max(reps, 5)))
+    except ImportError:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def parallel_copy(src, dst):
+            for i in numba.prange(src.size):
+                dst[i] = src[i]
+
+        src, dst = case.x.reshape(-1), case.out.reshape(-1)
+        return min(_time(lambda: parallel_copy(src, dst), max(reps, 5)))
+
+
+def _cold_start(threads: int) -> dict[str, float]:
+    """Import + first forward call in a fresh interpreter, compile cache empty then warm."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np, numba, batchnorm as bn\n"
+        f"numba.set_num_threads({threads})\n"
+        "t1 = time.perf_counter()\n"
+        "x = np.ones((8, 64, 8, 8), np.float32); x[0] = 2\n"
+        "bn.forward_training(x, None, None, backend='cpu')\n"
+        "t2 = time.perf_counter(); print(t1 - t0, t2 - t1)\n"
+    )
+    res = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        for label in ("cold", "warm"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True).stdout.split()
+            res[f"{label}_import_s"], res[f"{label}_first_call_s"] = map(float, out[-2:])
+    return res
+
+
+def _shapes(batch: int, layouts: list[str]):
+    """(group, shape, layout, weight) rows: ResNet-50 layers, then the extra shapes."""
+    for lay in layouts:
+        for (c, hw), n in RESNET50:
+            yield "resnet50", (batch, c, hw, hw), lay, n
+    for group, shape in EXTRA:
+        for lay in layouts if len(shape) == 4 else ["nchw"]:
+            yield group, shape, lay, 1
+
+
+def run(args) -> int:
+    """Run the suite described by ``args`` (see :func:`add_arguments`); 0 on success."""
+    import numba
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(width=max(Console().width, 150))
+    threads = args.threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    batch = args.batch or (8 if args.quick else 32)
+    reps = args.reps or (5 if args.quick else 10)
+    dtype = np.dtype(args.dtype).type
+    layouts = ["nchw", "nhwc"] if args.layout == "both" else [args.layout]
+    passes = list(PASSES) if args.passes == "all" else [args.passes]
+    device, versions = _device(), _versions()
+    providers = ["batchnorm-cpu"] + (["torch"] if have_torch else [])
+
+    rows = []
+    cases = list(_shapes(batch, layouts))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for group, shape, lay, weight in cases:
+            progress.update(task, description=f"{group} {shape} {lay}")
+            case = _Case(shape, lay, dtype)
+            t_copy = _copy_time(case, reps)
+            for pass_ in passes:
+                timed = {}
+                for prov in providers:
+                    for alloc in ("prealloc", "fresh"):
+                        fn = (_bn_calls(case, pass_, alloc == "prealloc") if prov != "torch"
+                              else _torch_calls(case, pass_, alloc == "prealloc"))
+                        timed[prov, alloc] = _time(fn, reps)
+                if args.reference or case.nbytes <= 1 << 20:
+                    timed["reference", "fresh"] = _time(_ref_calls(case, pass_), min(reps, 5))
+                for (prov, alloc), ts in timed.items():
+                    med = statistics.median(ts)
+                    tt = timed.get(("torch", alloc))
+                    rows.append(dict(
+                        group=group, provider=prov, pass_=pass_, shape="x".join(map(str, shape)),
+                        dtype=args.dtype, layout=lay, alloc=alloc, weight=weight,
+                        threads=threads, median_ms=med * 1e3, min_ms=min(ts) * 1e3,
+                        max_ms=max(ts) * 1e3, reps=len(ts), copy_ms=t_copy * 1e3,
+                        f=(1.5 if pass_ == "bwd" else 1.0) * t_copy / med,
+                        speedup_vs_torch=statistics.median(tt) / med if tt else float("nan"),
+                        device=device, versions=versions))
+            progress.advance(task)
+
+    cold = None if args.no_cold_start else _cold_start(threads)
+    _print(console, rows, cold, threads, batch, args, device, versions)
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        console.print(f"wrote {len(rows)} rows to {args.csv}")
+    return 0
+
+
+def _print(console, rows, cold, threads, batch, args, device, versions) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]batchnorm bench[/] {device}; {versions}; threads={threads}; "
+                  f"batch={batch}; dtype={args.dtype}")
+    # network total: the 53 ResNet-50 layers, weighted by their counts
+    tot = defaultdict(float)
+    for r in rows:
+        if r["group"] == "resnet50":
+            key = (r["provider"], r["pass_"], r["layout"], r["alloc"])
+            tot[key] += r["weight"] * r["median_ms"]
+    table = Table(title=f"ResNet-50 network total (53 BN layers, batch {batch})")
+    for col in ("pass", "layout", "alloc", "batchnorm-cpu ms", "f", "torch ms", "torch f",
+                "speedup", "copy ms"):
+        table.add_column(col, justify="right")
+    for (prov, pass_, lay, alloc), ms in sorted(tot.items()):
+        if prov != "batchnorm-cpu":
+            continue
+        copy = sum(r["weight"] * r["copy_ms"] for r in rows
+                   if r["group"] == "resnet50" and r["provider"] == prov
+                   and r["pass_"] == pass_ and r["layout"] == lay and r["alloc"] == alloc)
+        k = 1.5 if pass_ == "bwd" else 1.0
+        tms = tot.get(("torch", pass_, lay, alloc))
+        table.add_row(pass_, lay, alloc, f"{ms:.1f}", f"{k * copy / ms:.2f}",
+                      f"{tms:.1f}" if tms else "-", f"{k * copy / tms:.2f}" if tms else "-",
+                      f"{tms / ms:.2f}x" if tms else "-", f"{copy:.1f}")
+    console.print(table)
+
+    detail = Table(title="per shape (median ms; f = fraction of the copy limit)")
+    for col in ("group", "shape", "layout", "pass", "alloc", "provider", "ms", "spread",
+                "f", "vs torch"):
+        detail.add_column(col, justify="right")
+    for r in rows:
+        if r["group"] == "resnet50" and r["provider"] == "reference":
+            continue
+        detail.add_row(r["group"], r["shape"], r["layout"], r["pass_"], r["alloc"],
+                       r["provider"], f"{r['median_ms']:.3f}",
+                       f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", f"{r['f']:.2f}",
+                       f"{r['speedup_vs_torch']:.2f}x")
+    console.print(detail)
+    tiny = [r for r in rows if r["group"] == "tiny" and r["provider"] == "batchnorm-cpu"
+            and r["pass_"] == "fwd" and r["alloc"] == "prealloc"]
+    for r in tiny:
+        console.print(f"tiny (8, 64, 8, 8) {r['layout']} forward per call: "
+                      f"{r['median_ms'] * 1e3:.1f} us (target <= 15 us)")
+    if cold:
+        console.print("cold start (import / first call, s): "
+                      f"compile cache empty {cold['cold_import_s']:.2f} / "
+                      f"{cold['cold_first_call_s']:.2f}; warm {cold['warm_import_s']:.2f} / "
+                      f"{cold['warm_first_call_s']:.2f}")

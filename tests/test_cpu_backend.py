@@ -1,0 +1,337 @@
+"""The CPU backend against the float64 reference: a grid, named edge cases, properties,
+accuracy against PyTorch's own CPU error, and concurrent calls."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchnorm as bn
+from batchnorm.backends import BackendUnavailable, select
+
+pytest.importorskip("numba")
+
+TOL = {np.float16: (2e-2, 2e-2), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
+SHAPES = {2: (7, 5), 3: (4, 3, 9), 4: (3, 4, 5, 6), 5: (2, 3, 4, 2, 3)}
+LAYOUTS = {  # name -> (mode, channel_axis)
+    "nchw": ("spatial", 1),
+    "persistent": ("spatial_persistent", 1),
+    "nhwc": ("spatial", -1),
+    "per_activation": ("per_activation", 1),
+}
+
+
+def close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    diff = np.abs(got - want)
+    ok = (diff <= atol + rtol * np.abs(want)) | (np.isnan(got) & np.isnan(want))
+    assert ok.all(), f"{what}: max diff {np.nanmax(diff):.3g}, mean diff {np.nanmean(diff):.3g}"
+
+
+def data(shape, dtype, seed=0, loc=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale + loc).astype(dtype)
+
+
+def params(x, mode, channel_axis, affine, seed=1):
+    from batchnorm._shapes import resolve_layout
+
+    pshape = resolve_layout(x.shape, mode, channel_axis).param_shape
+    if not affine:
+        return None, None, pshape
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.5, 1.5, pshape).astype(x.dtype),
+            rng.standard_normal(pshape).astype(x.dtype), pshape)
+
+
+def check_all(x, mode, channel_axis, affine, *, dy=None, out=None, dtype=None):
+    """Forward training (with running stats), inference and backward: cpu vs reference."""
+    dtype = dtype or x.dtype.type
+    gamma, beta, pshape = params(x, mode, channel_axis, affine)
+    kw = dict(mode=mode, channel_axis=channel_axis)
+    rm = {b: np.full(pshape, 0.25, np.float32) for b in ("cpu", "reference")}
+    rv = {b: np.full(pshape, 2.0, np.float32) for b in ("cpu", "reference")}
+    res = {}
+    for b in ("cpu", "reference"):
+        o = out if b == "cpu" else None
+        res[b] = bn.forward_training(x, gamma, beta, running_mean=rm[b], running_var=rv[b],
+                                     momentum=0.3, out=o, backend=b, **kw)
+    (y, s), (yr, sr) = res["cpu"], res["reference"]
+    if out is not None:
+        assert y is out
+    close(y, yr, dtype, "y")
+    close(s.mean, sr.mean, dtype, "mean")
+    close(s.invstd, sr.invstd, dtype, "invstd")
+    assert s.mean.dtype == sr.mean.dtype and y.dtype == x.dtype
+    close(rm["cpu"], rm["reference"], dtype, "running_mean")
+    close(rv["cpu"], rv["reference"], dtype, "running_var")
+
+    var = np.abs(data(pshape, np.float32, 5)) + 0.1
+    yi = bn.forward_inference(x, gamma, beta, sr.mean, var, backend="cpu", **kw)
+    close(yi, bn.forward_inference(x, gamma, beta, sr.mean, var, backend="reference", **kw),
+          dtype, "inference y")
+
+    dy = data(x.shape, x.dtype, 3) if dy is None else dy
+    for training in (True, False):
+        got = bn.backward(dy, x, gamma, sr, training=training, backend="cpu", **kw)
+        want = bn.backward(dy, x, gamma, sr, training=training, backend="reference", **kw)
+        for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+            if w is None:
+                assert g is None
+            else:
+                close(g, w, dtype, f"{name} (training={training})")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_grid(layout, rank, dtype, affine):
+    mode, axis = LAYOUTS[layout]
+    x = data(SHAPES[rank], dtype)
+    x0 = x.copy()
+    check_all(x, mode, axis, affine)
+    np.testing.assert_array_equal(x, x0)  # inputs are never modified
+
+
+def _strided(kind, shape, dtype):
+    big = data(tuple(2 * n for n in shape), dtype, 7)
+    if kind == "step2":
+        return big[tuple(slice(None, None, 2) for _ in shape)]
+    if kind == "negative":
+        return big[tuple(slice(None, None, -2) for _ in shape)]
+    if kind == "transposed":  # Fortran order: no axis is contiguous in the canonical view
+        return np.asfortranarray(data(shape, dtype, 7))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["step2", "negative", "transposed"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_strided_inputs(kind, layout, rank):
+    mode, axis = LAYOUTS[layout]
+    x = _strided(kind, SHAPES[rank], np.float32)
+    dy = _strided(kind, SHAPES[rank], np.float32)[..., ::-1].copy()[..., ::-1]
+    x0 = x.copy()
+    check_all(x, mode, axis, True, dy=dy)
+    np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("out_kind", ["contiguous", "strided"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_out(out_kind, layout):
+    mode, axis = LAYOUTS[layout]
+    x = data((4, 6, 5, 3), np.float32)
+    out = np.full(x.shape, 7.0, np.float32)
+    if out_kind == "strided":
+        out = np.full((8, 6, 5, 3), 7.0, np.float32)[::2]
+    check_all(x, mode, axis, True, out=out)
+    dy = data(x.shape, np.float32, 2)
+    gamma, _, _ = params(x, mode, axis, True)
+    _, s = bn.forward_training(x, gamma, None, mode=mode, channel_axis=axis)
+    dx = bn.backward(dy, x, gamma, s, mode=mode, channel_axis=axis, out=out, backend="cpu")[0]
+    want = bn.backward(dy, x, gamma, s, mode=mode, channel_axis=axis, backend="reference")[0]
+    assert dx is out
+    close(out, want, np.float32, "dx into out")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1), (1, 1, 1023), (7, 11, 13), (2, 3, 1),
+                                   (1, 5, 2), (13, 1)],
+                         ids=["size1", "near-pow2", "primes", "B1", "N1", "C1"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+def test_named_shapes(shape, layout):
+    mode, axis = LAYOUTS[layout]
+    from batchnorm._shapes import resolve_layout
+
+    if resolve_layout(shape, mode, axis).count < 2:
+        pytest.skip("fewer than 2 values per channel: training is refused by validation")
+    check_all(data(shape, np.float32), mode, axis, True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_zero_size(layout):
+    mode, axis = LAYOUTS[layout]
+    x = np.empty((0, 3, 4), np.float32) if axis == 1 else np.empty((0, 4, 3), np.float32)
+    rm = np.full(3, 0.5, np.float32)
+    y, s = bn.forward_training(x, None, None, mode=mode, channel_axis=axis, running_mean=rm,
+                               backend="cpu")
+    assert y.shape == x.shape and (s.mean == 0).all() and (s.invstd == 0).all()
+    assert (rm == 0.5).all()
+    dx, dg, db = bn.backward(x, x, np.ones(3, np.float32), s, mode=mode, channel_axis=axis,
+                             backend="cpu")
+    assert dx.shape == x.shape and (dg == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_constant_channel(eps, layout):
+    mode, axis = LAYOUTS[layout]
+    x = data((4, 3, 10), np.float32) if axis == 1 else data((4, 10, 3), np.float32)
+    sel = (slice(None), 1) if axis == 1 else (..., 1)
+    x[sel] = 3.25
+    beta = np.array([0.0, -2.0, 1.0], np.float32)
+    y, s = bn.forward_training(x, None, beta, eps=eps, mode=mode, channel_axis=axis,
+                               backend="cpu")
+    assert s.mean[1] == 3.25
+    assert s.invstd[1] == (0.0 if eps == 0 else np.float32(1 / np.sqrt(eps)))
+    assert (y[sel] == -2.0).all()
+    check_all(x, mode, axis, True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+def test_nan_stays_in_its_channel(layout):
+    mode, axis = LAYOUTS[layout]
+    x = data((5, 4, 6), np.float32)
+    x[2, 1, 3] = np.nan
+    y, s = bn.forward_training(x, None, None, mode=mode, channel_axis=axis, backend="cpu")
+    yr, _ = bn.forward_training(x, None, None, mode=mode, channel_axis=axis,
+                                backend="reference")
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(yr))
+    assert np.isnan(y).any() and not np.isnan(y).all()
+    with pytest.raises(FloatingPointError, match="channel"):
+        bn.forward_training(x, None, None, mode=mode, channel_axis=axis, check_finite=True,
+                            backend="cpu")
+    clean = data((5, 4, 6), np.float32)
+    bn.forward_training(clean, None, None, mode=mode, channel_axis=axis, check_finite=True,
+                        backend="cpu")
+
+
+def test_check_finite_catches_output_overflow():
+    # finite statistics, but gamma overflows float32 in the output of channel 2 only
+    x = data((6, 4, 5), np.float32)
+    gamma = np.array([1, 1, 3e38, 1], np.float32)
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
+        bn.forward_training(x, gamma, None, check_finite=True, backend="cpu")
+    x16 = data((6, 4, 5), np.float16)
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
+        bn.forward_training(x16, np.array([1, 1, 6e4, 1], np.float16), None,
+                            check_finite=True, backend="cpu")
+
+
+def test_explicit_cpu_refuses_what_it_cannot_run():
+    x = data((4, 3, 5), np.float32).astype(np.longdouble)
+    if x.dtype == np.float64:
+        pytest.skip("longdouble is float64 on this platform")
+    with pytest.raises(BackendUnavailable, match="cpu"):
+        bn.forward_training(x, None, None, backend="cpu")
+
+
+def test_auto_picks_cpu_for_numpy():
+    mod = select("auto", np.zeros((2, 3), np.float32))
+    assert mod.NAME in ("cpu", "gpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    layout=st.sampled_from(["nchw", "nhwc", "per_activation"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    step=st.sampled_from([1, 2, -1]),
+    loc=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(shape, layout, dtype, step, loc, scale, seed):
+    mode, axis = LAYOUTS[layout]
+    shape[0] = max(shape[0], 2)
+    big = data(tuple(n * abs(step) for n in shape), dtype, seed, loc, scale)
+    x = big[tuple(slice(None, None, step) for _ in shape)]
+    x0 = x.copy()
+    gamma, beta, _ = params(x, mode, axis, seed % 2 == 0, seed)
+    kw = dict(mode=mode, channel_axis=axis)
+    y, s = bn.forward_training(x, gamma, beta, backend="cpu", **kw)
+    yr, sr = bn.forward_training(x, gamma, beta, backend="reference", **kw)
+    # relative to the channel's spread: a near-constant channel amplifies the input's rounding
+    close(y, yr, dtype, "y")
+    close(s.mean, sr.mean, dtype, "mean")
+    dy = data(x.shape, dtype, seed + 1)
+    for g, w in zip(bn.backward(dy, x, gamma, sr, backend="cpu", **kw),
+                    bn.backward(dy, x, gamma, sr, backend="reference", **kw), strict=True):
+        if w is not None:
+            close(g, w, dtype, "grad")
+    np.testing.assert_array_equal(x, x0)
+
+
+# --- accuracy: no worse than PyTorch's CPU kernels against a float64 oracle --------------
+
+def _oracle(x64):
+    mu = x64.mean(axis=(0, 2, 3))
+    var = ((x64 - mu[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+    return mu, var
+
+
+@pytest.mark.parametrize("case", ["offset1e3", "offset1e5", "offset1e6", "tiny_std",
+                                  "constant"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_accuracy_vs_torch(case, layout):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    shape = (8, 4, 16, 16)
+    loc, std = {"offset1e3": (1e3, 1.0), "offset1e5": (1e5, 1.0), "offset1e6": (1e6, 1.0),
+                "tiny_std": (1.0, 1e-3), "constant": (7.3, 0.0)}[case]
+    x = (rng.standard_normal(shape) * std + loc).astype(np.float32)
+    eps = 1e-5
+    x64 = x.astype(np.float64)
+    mu, var = _oracle(x64)
+    y_true = (x64 - mu[None, :, None, None]) / np.sqrt(var + eps)[None, :, None, None]
+
+    xt = torch.from_numpy(x)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    if layout == "nhwc":
+        xt = xt.contiguous(memory_format=torch.channels_last)
+        xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        y, s = bn.forward_training(xn, None, None, eps=eps, channel_axis=-1, backend="cpu")
+        y = y.transpose(0, 3, 1, 2)
+    else:
+        y, s = bn.forward_training(x, None, None, eps=eps, backend="cpu")
+    yt = torch.nn.functional.batch_norm(xt, rm, rv, training=True, momentum=1.0,
+                                        eps=eps).numpy()
+    err_ours = np.abs(y.astype(np.float64) - y_true).max()
+    err_torch = np.abs(yt.astype(np.float64) - y_true).max()
+    # running_var (momentum 1) is torch's unbiased batch variance: compare variances too
+    m = x.size // 4
+    var_ours = (1.0 / s.invstd.astype(np.float64) ** 2 - eps) if case != "constant" else None
+    assert err_ours <= err_torch + 1e-6, (err_ours, err_torch)
+    assert np.abs(s.mean - mu).max() <= np.abs(rm.numpy() - mu).max() + 1e-7 * abs(loc)
+    if var_ours is not None:
+        err_var_torch = np.abs(rv.numpy() * (m - 1) / m - var).max()
+        assert np.abs(var_ours - var).max() <= err_var_torch + 1e-6 * var.max()
+
+
+# --- concurrency -----------------------------------------------------------------------
+
+def test_four_threads_at_once():
+    inputs = [data((6, 5, 40), np.float32, seed) for seed in range(4)]
+    inputs += [data((30, 7), np.float32, seed) for seed in range(4)]
+    expected = []
+    for x in inputs:
+        y, s = bn.forward_training(x, None, None, backend="reference")
+        expected.append((y, bn.backward(x, x, None, s, backend="reference")[0]))
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def work(tid):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                for i in range(tid, len(inputs), 4):
+                    y, s = bn.forward_training(inputs[i], None, None, backend="cpu")
+                    dx = bn.backward(inputs[i], inputs[i], None, s, backend="cpu")[0]
+                    close(y, expected[i][0], np.float32, f"thread {tid} y")
+                    close(dx, expected[i][1], np.float32, f"thread {tid} dx")
+        except Exception as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
