@@ -12,6 +12,7 @@ The error types and messages here are part of the contract (SPEC section 5).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,30 +45,30 @@ class Layout:
     reduce_axes: tuple[int, ...]
     kept_axes: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def param_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[a] for a in self.kept_axes)
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return math.prod(self.shape[a] for a in self.reduce_axes)
 
-    @property
+    @functools.cached_property
     def channels(self) -> int:
         return math.prod(self.param_shape)
 
-    @property
+    @functools.cached_property
     def broadcast_shape(self) -> tuple[int, ...]:
         """The input's shape with reduced axes set to 1: parameters reshape to this."""
         return tuple(1 if a in self.reduce_axes else n for a, n in enumerate(self.shape))
 
-    @property
+    @functools.cached_property
     def kept_adjacent(self) -> bool:
         """True when the kept axes are consecutive, so :func:`as_3d` can be a view."""
         k = self.kept_axes
         return not k or k[-1] - k[0] + 1 == len(k)
 
-    @property
+    @functools.cached_property
     def dims3(self) -> tuple[int, int, int]:
         """``(A, C, B)``: reduced size before the kept block, channels, reduced size after."""
         if not self.kept_axes:
@@ -92,7 +93,19 @@ def resolve_layout(
 
     ``axis`` (Chainer's convention, the axes to reduce over) replaces ``mode`` and
     ``channel_axis``; giving it together with a non-default mode or channel axis is an error.
+    Layouts are cached: a training loop sees the same few shapes on every call.
     """
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    try:
+        return _resolve_cached(tuple(shape), mode, channel_axis, axis)
+    except TypeError as exc:  # unhashable argument: resolve without the cache
+        if "unhashable" not in str(exc):
+            raise
+        return _resolve(tuple(shape), mode, channel_axis, axis)
+
+
+def _resolve(shape, mode, channel_axis, axis) -> Layout:
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     if axis is not None:
@@ -139,6 +152,10 @@ def resolve_layout(
         reduce_axes = tuple(a for a in range(ndim) if a != c)
     kept = tuple(a for a in range(ndim) if a not in reduce_axes)
     return Layout(shape, mode, reduce_axes, kept)
+
+
+# typed: 1.0 and True must not hit the entry for channel_axis=1
+_resolve_cached = functools.lru_cache(maxsize=1024, typed=True)(_resolve)
 
 
 def check_float_dtype(name: str, dtype: Any) -> None:

@@ -11,6 +11,7 @@ reason; ``"auto"`` quietly takes the first that can, in the order of ``AUTO_ORDE
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -26,6 +27,7 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
+@functools.cache  # import once; an import failure is not retried either
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(_MODULES[name]), None
