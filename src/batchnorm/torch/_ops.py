@@ -107,7 +107,7 @@ def _updated(running: Tensor | None, x: Tensor) -> Tensor:
 @torch.library.custom_op(f"{_NS}::forward_training", mutates_args=())
 def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                      running_mean: Tensor | None, running_var: Tensor | None,
-                     momentum: float, eps: float, mode: str
+                     momentum: float, eps: float, mode: str, batches: Tensor | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mu, invstd, new_running_mean, new_running_var) with the batch's statistics.
 
@@ -120,9 +120,14 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         running_mean, running_var: [param_shape] or None; read, not modified.
         momentum, eps: as in SPEC sections 3 and 1.
         mode: ``"spatial"``, ``"spatial_persistent"`` or ``"per_activation"``.
+        batches: optional one-element count of batches seen, this one included; when given,
+            ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
+            inside the operator, so that a compiled graph need not know its value.
     """
     layout = _layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
                      running_var=running_var)
+    if batches is not None:
+        momentum = 1.0 / max(float(batches), 1.0)
     S.check_scalars(eps, momentum)
     S.check_training_count(layout)
     new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
@@ -141,7 +146,7 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 @forward_training.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, mode):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=None):
     shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
 
     def like(r):

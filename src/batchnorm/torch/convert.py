@@ -73,8 +73,7 @@ def _fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         if layer.bias is not None:
             shift = shift + layer.bias.double() * scale
         else:
-            layer.bias = nn.Parameter(torch.empty_like(w[:, 0].reshape(-1)),
-                                      requires_grad=w.requires_grad)
+            layer.bias = nn.Parameter(w.new_empty(w.shape[0]), requires_grad=w.requires_grad)
         w.copy_(w.double() * scale.view(-1, *([1] * (w.dim() - 1))))
         layer.bias.copy_(shift)
 

@@ -42,11 +42,12 @@ def _count(x: Tensor, mode: str) -> int:
     return c
 
 
-# ---- forward_training: (x, weight, bias, running_mean, running_var, momentum, eps, mode)
+# ---- forward_training: (x, weight, bias, running_mean, running_var, momentum, eps, mode,
+#      batches)
 #      -> (y, mean, invstd, new_running_mean, new_running_var)
 
 def _setup_training(ctx, inputs, output):
-    x, weight, bias, _, _, _, _, mode = inputs
+    x, weight, bias, _, _, _, _, mode, _ = inputs
     _, mean, invstd, new_mean, new_var = output
     # Statistics are outputs for reuse in backward and for the buffers; not differentiable.
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
@@ -58,7 +59,7 @@ def _setup_training(ctx, inputs, output):
 def _backward_training(ctx, gy, *_stat_grads):
     x, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = _ops_ns.backward(gy, x, weight, mean, invstd, True, ctx.mode)
-    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 5
+    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 6
 
 
 def _grads(ctx, weight, dx, dweight, dbias):
@@ -152,7 +153,8 @@ torch.library.register_autograd(
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, mode: str = "spatial") -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, *, mode: str = "spatial",
+               batches: Tensor | None = None) -> Tensor:
     """y = weight * (input - mean) / sqrt(var + eps) + bias, as ``torch.nn.functional.batch_norm``.
 
     In training the batch's statistics normalize and ``running_mean`` / ``running_var`` (if
@@ -169,6 +171,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         mode: ``"spatial"`` (statistics per channel, ``param_shape = (C,)``),
             ``"spatial_persistent"`` (the same result) or ``"per_activation"``
             (statistics per feature over the batch axis only, ``param_shape = input.shape[1:]``).
+        batches: optional one-element tensor counting the batches seen, this one included;
+            replaces ``momentum`` by ``1 / batches`` (``torch.nn``'s ``momentum=None``) without
+            reading the count in Python, which would break a compiled graph.
     """
     if training:
         size = input.shape
@@ -179,7 +184,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                 f"Expected more than 1 value per channel when training, got input size {size}"
             )
         y, _, _, new_mean, new_var = _ops_ns.forward_training(
-            input, weight, bias, running_mean, running_var, float(momentum), float(eps), mode
+            input, weight, bias, running_mean, running_var, float(momentum), float(eps), mode,
+            batches,
         )
         with torch.no_grad():  # the in-place update torch.nn.functional.batch_norm makes
             if running_mean is not None:

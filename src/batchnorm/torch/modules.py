@@ -19,10 +19,11 @@ class _Forward:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
+        batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: the n-th batch weighs 1/n
-                momentum = 1.0 / float(self.num_batches_tracked)
+                batches = self.num_batches_tracked
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
@@ -35,6 +36,7 @@ class _Forward:
             use_batch,
             momentum,
             self.eps,
+            batches=batches,
         )
 
 
