@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers torch.ops.batchnorm.*)
+from . import _ops  # importing it registers torch.ops.batchnorm.*
 from ._ops import param_shape
 
 _ops_ns = torch.ops.batchnorm
