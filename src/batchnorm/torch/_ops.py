@@ -1,0 +1,222 @@
+"""The three batch-norm operators as ``torch.library`` custom ops, with fake kernels.
+
+Registering them as operators (``batchnorm::forward_training``, ``::forward_inference``,
+``::backward``) rather than calling NumPy from an ``autograd.Function`` is what lets
+``torch.compile(..., fullgraph=True)`` trace a model through them: the compiler sees one
+opaque node per call, and the fake kernels tell it the output shapes and dtypes.
+
+Dispatch: a CPU tensor is handed to the backends as a zero-copy NumPy view
+(``t.detach().numpy()``; contiguous and channels-last strides both work), the output is
+allocated with ``torch.empty_like(x)`` so it keeps the input's memory format, and the backend
+writes into it through ``out=``. Any other device hands the tensor itself to the backend
+registry (the GPU backend takes tensors). NumPy has no bfloat16, so a bfloat16 CPU tensor is
+computed through a float32 copy and the result is rounded back to bfloat16.
+
+Autograd formulas are registered in :mod:`batchnorm.torch.function`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _shapes as S
+from ..backends import select
+
+_NS = "batchnorm"
+
+
+def param_shape(x: Tensor, mode: str) -> tuple[int, ...]:
+    """Shape of the per-channel tensors: ``(C,)`` in the spatial modes, ``x.shape[1:]`` else."""
+    return tuple(x.shape[1:]) if mode == "per_activation" else (x.shape[1],)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 statistics for float64 input, float32 for every narrower float (SPEC 4)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
+    """Validate what the backends would validate, on tensors (which may live on a GPU)."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"`input` must have a floating-point dtype, got {x.dtype}")
+    layout = S.resolve_layout(tuple(x.shape), mode, 1)
+    for name, t in params.items():
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"`{name}` must have a floating-point dtype, got {t.dtype}")
+        if tuple(t.shape) != layout.param_shape:
+            raise ValueError(
+                f"`{name}` must have shape {layout.param_shape} (the kept axes of an input of "
+                f"shape {layout.shape} in mode {mode!r}), got shape {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"`{name}` is on {t.device} but the input is on {x.device}")
+    return layout
+
+
+class _Host:
+    """Turns tensors into what the backend takes, and remembers float32 stand-ins to copy back.
+
+    On the CPU that is a NumPy view (no copy), except for bfloat16, which NumPy cannot
+    represent: those become float32 copies. Elsewhere the tensor is passed through.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cpu = device.type == "cpu"
+        self.copies: list[tuple[Tensor, Tensor]] = []
+
+    def __call__(self, t: Tensor | None, *, writeback: bool = False):
+        if t is None or not self.cpu:
+            return t
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            wide = t.float()
+            if writeback:
+                self.copies.append((t, wide))
+            return wide.numpy()
+        return t.numpy()
+
+    def finish(self) -> None:
+        """Round the float32 stand-ins of bfloat16 tensors that were written back into them."""
+        for target, wide in self.copies:
+            target.copy_(wide)
+
+
+def _output_like(x: Tensor) -> Tensor:
+    # empty_like keeps channels-last; bfloat16 results are produced in float32 first.
+    dtype = torch.float32 if (x.device.type == "cpu" and x.dtype == torch.bfloat16) else None
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _tensor(a, device: torch.device) -> Tensor:
+    return a if isinstance(a, Tensor) else torch.from_numpy(a).to(device)
+
+
+def _updated(running: Tensor | None, x: Tensor) -> Tensor:
+    # A fresh copy for the backend to update, or an empty stand-in (ops cannot return None).
+    if running is None:
+        return x.new_empty((0,), dtype=stats_dtype(x.dtype))
+    return running.detach().clone()
+
+
+# Functional (mutates nothing) because torch.library refuses autograd formulas for mutating
+# operators: the updated running statistics are returned, and ``batch_norm`` copies them into
+# the buffers. They are per-channel, so the copies cost nothing next to the input.
+@torch.library.custom_op(f"{_NS}::forward_training", mutates_args=())
+def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     running_mean: Tensor | None, running_var: Tensor | None,
+                     momentum: float, eps: float, mode: str, batches: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mu, invstd, new_running_mean, new_running_var) with the batch's statistics.
+
+    y = weight * (x - mu) * invstd + bias; new_running = (1 - momentum) * running
+    + momentum * batch value (the variance unbiased), or an empty tensor when not given.
+
+    Args:
+        x: [N, C, *spatial] input (any strides).
+        weight, bias: [param_shape] or None.
+        running_mean, running_var: [param_shape] or None; read, not modified.
+        momentum, eps: as in SPEC sections 3 and 1.
+        mode: ``"spatial"``, ``"spatial_persistent"`` or ``"per_activation"``.
+        batches: optional one-element count of batches seen, this one included; when given,
+            ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
+            inside the operator, so that a compiled graph need not know its value.
+    """
+    layout = _layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var)
+    if batches is not None:
+        momentum = 1.0 / max(float(batches), 1.0)
+    S.check_scalars(eps, momentum)
+    S.check_training_count(layout)
+    new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
+    host = _Host(x.device)
+    xa = host(x)
+    y = _output_like(x)
+    _, mean, invstd, _ = select("auto", xa).forward_training(
+        xa, host(weight), host(bias), layout, eps=eps, momentum=momentum,
+        running_mean=host(new_mean, writeback=True) if running_mean is not None else None,
+        running_var=host(new_var, writeback=True) if running_var is not None else None,
+        out=host(y), check_finite=False,
+    )
+    host.finish()
+    return (y.to(x.dtype), _tensor(mean, x.device), _tensor(invstd, x.device),
+            new_mean, new_var)
+
+
+@forward_training.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=None):
+    shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
+
+    def like(r):
+        return x.new_empty((0,), dtype=sdt) if r is None else torch.empty_like(r)
+
+    return (torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt),
+            like(running_mean), like(running_var))
+
+
+@torch.library.custom_op(f"{_NS}::forward_inference", mutates_args=())
+def forward_inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                      var: Tensor, eps: float, mode: str) -> Tensor:
+    """y = weight * (x - mean) / sqrt(var + eps) + bias with the given statistics.
+
+    Args:
+        x: [N, C, *spatial] input.
+        weight, bias: [param_shape] or None.
+        mean, var: [param_shape] statistics (usually the running ones).
+        eps, mode: as in :func:`forward_training`.
+    """
+    layout = _layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
+    S.check_scalars(eps)
+    host = _Host(x.device)
+    xa = host(x)
+    y = _output_like(x)
+    select("auto", xa).forward_inference(
+        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps, out=host(y)
+    )
+    return y.to(x.dtype)
+
+
+@forward_inference.register_fake
+def _(x, weight, bias, mean, var, eps, mode):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_NS}::backward", mutates_args=())
+def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+             training: bool, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight, dbias from dy and the saved statistics (SPEC section 1).
+
+    dx = weight * invstd * (dy - (dbias + xhat * dweight) / M) in training, and
+    dx = weight * invstd * dy in inference. ``dweight`` is zeros when ``weight`` is None.
+
+    Args:
+        dy, x: [N, C, *spatial] upstream gradient and forward input.
+        weight: [param_shape] or None.
+        mean, invstd: [param_shape] saved statistics (stats dtype).
+        training: whether the statistics were the batch's own.
+        mode: as in :func:`forward_training`.
+    """
+    layout = _layout(x, mode, weight=weight, mean=mean, invstd=invstd)
+    S.check_same_shape("dy", dy, layout)
+    if training:
+        S.check_training_count(layout)
+    host = _Host(x.device)
+    xa = host(x)
+    dx = _output_like(x)
+    _, dweight, dbias = select("auto", xa).backward(
+        host(dy), xa, host(weight), host(mean), host(invstd), layout, training=training,
+        out=host(dx),
+    )
+    sdt = stats_dtype(x.dtype)
+    dbias = _tensor(dbias, x.device).to(sdt)
+    if dweight is None:
+        dweight = torch.zeros(layout.param_shape, dtype=sdt, device=x.device)
+    return dx.to(x.dtype), _tensor(dweight, x.device).to(sdt), dbias
+
+
+@backward.register_fake
+def _(dy, x, weight, mean, invstd, training, mode):
+    shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt)

@@ -1,0 +1,52 @@
+"""``BatchNorm1d/2d/3d``: the ``torch.nn`` classes with their forward routed to our operator.
+
+Subclassing keeps the constructor, parameters, buffers (``num_batches_tracked`` included),
+``extra_repr``, input-dimension errors and ``state_dict`` format of ``torch.nn``, so the two
+load each other's checkpoints. Only ``forward`` differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .function import batch_norm
+
+
+class _Forward:
+    """The forward of ``torch.nn``'s batch norm, calling :func:`batch_norm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        batches = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: the n-th batch weighs 1/n
+                batches = self.num_batches_tracked
+        # Batch statistics in training, and in eval when there are no running statistics.
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            momentum,
+            self.eps,
+            batches=batches,
+        )
+
+
+class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on (N, C) or (N, C, L) input, computed by this library."""
+
+
+class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on (N, C, H, W) input (NCHW or channels-last)."""
+
+
+class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on (N, C, D, H, W) input (NCDHW or channels-last-3d)."""

@@ -1,0 +1,133 @@
+"""convert_model on a small ResNet-style network, and fold_batchnorm."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm.torch as bnt
+from batchnorm.bench_train import build_net
+
+
+def assert_close(a, b, what, atol=2e-5, rtol=1e-4):
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"{what}: max diff {diff:.3g}"
+
+
+def bn_types(model):
+    return [type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_convert_replaces_every_batchnorm_and_keeps_state():
+    theirs = build_net(width=4, blocks=2)
+    theirs.get_submodule("1.0.bn2").eval()
+    theirs.get_submodule("0.0").weight.requires_grad_(False)
+    ours = bnt.convert_model(copy.deepcopy(theirs))
+    assert bn_types(ours) == [bnt.BatchNorm2d] * 5 + [bnt.BatchNorm1d]
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    flags = [(n, m.training) for n, m in theirs.named_modules()]
+    assert [(n, m.training) for n, m in ours.named_modules()] == flags
+    grads = [(n, p.requires_grad) for n, p in theirs.named_parameters()]
+    assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == grads
+
+
+def test_convert_shares_parameters_and_handles_containers():
+    bn = nn.BatchNorm2d(3, dtype=torch.float64)
+    model = nn.ModuleDict({"a": nn.ModuleList([bn, nn.ReLU()]), "b": nn.BatchNorm3d(2)})
+    params = list(model.parameters())
+    out = bnt.convert_model(model)
+    assert out is model
+    assert type(model["a"][0]) is bnt.BatchNorm2d and type(model["b"]) is bnt.BatchNorm3d
+    assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
+    assert model["a"][0].running_mean.dtype == torch.float64
+    single = bnt.convert_model(nn.BatchNorm1d(4, momentum=None, affine=False))
+    assert type(single) is bnt.BatchNorm1d and single.momentum is None and single.weight is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_resnet_training_matches_torch(channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    theirs = build_net(width=6, blocks=2).to(memory_format=fmt)
+    ours = bnt.convert_model(copy.deepcopy(theirs))
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(8, 3, 8, 8, generator=g).to(memory_format=fmt)
+        target = torch.randint(0, 10, (8,), generator=g)
+        outs = []
+        for model, opt in ((theirs, opt_t), (ours, opt_o)):
+            opt.zero_grad()
+            out = model(x)
+            nn.functional.cross_entropy(out, target).backward()
+            outs.append(out)
+        assert_close(outs[1], outs[0], f"output at step {step}")
+        for (name, pt), po in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+            assert_close(po.grad, pt.grad, f"{name}.grad at step {step}")
+        opt_t.step()
+        opt_o.step()
+        for (name, bt), bo in zip(theirs.named_buffers(), ours.buffers(), strict=True):
+            assert_close(bo.double(), bt.double(), f"{name} at step {step}")
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(5, 3, 8, 8, generator=g).to(memory_format=fmt)
+    assert_close(ours(x), theirs(x), "eval output")
+
+
+def folding_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 4, 1, groups=1), bnt.BatchNorm2d(4),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Linear(6, 3),
+    )
+
+
+def test_fold_batchnorm_equals_unfolded_eval_model():
+    torch.manual_seed(0)
+    model = folding_model()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                if m.affine:
+                    m.weight.uniform_(0.5, 2)
+                    m.bias.uniform_(-1, 1)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_and_check(model)
+    for key, value in before.items():  # the input model is left untouched
+        assert torch.equal(model.state_dict()[key], value), key
+    # BN after a ReLU stays; the three after Conv/Linear are gone.
+    assert bn_types(folded) == [nn.BatchNorm2d]
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[9], nn.Identity)
+    assert folded[0].bias is not None and folded[0].bias.requires_grad
+
+
+def fold_and_check(model):
+    folded = bnt.fold_batchnorm(model)
+    x = torch.randn(4, 3, 9, 9)
+    assert_close(folded(x), model(x), "folded output", atol=1e-5, rtol=1e-4)
+    return folded
+
+
+def test_fold_refuses_training_mode():
+    model = folding_model()
+    with pytest.raises(ValueError, match="eval mode"):
+        bnt.fold_batchnorm(model)
+    model.eval()
+    model[4].train()
+    with pytest.raises(ValueError, match="4"):
+        bnt.fold_batchnorm(model)
+
+
+def test_fold_skips_bn_without_running_stats():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    folded = bnt.fold_batchnorm(model)
+    assert isinstance(folded[1], nn.BatchNorm1d)

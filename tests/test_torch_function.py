@@ -1,0 +1,145 @@
+"""batchnorm.torch.batch_norm against torch.nn.functional.batch_norm, and its derivatives.
+
+gradcheck / gradgradcheck run in float64 over mode x layout x training x affine; forward,
+running statistics and gradients are compared with PyTorch's own batch norm.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+from batchnorm.torch import batch_norm
+
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
+       torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def close(actual, expected, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    diff = (actual.double() - expected.double()).abs()
+    assert torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol), (
+        f"{what}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}"
+    )
+
+
+def make(shape, mode, affine, channels_last, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).mul(2).add(0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ps = shape[1:] if mode == "per_activation" else shape[1:2]
+    w = torch.randn(ps, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    b = torch.randn(ps, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    rm = torch.randn(ps, generator=g, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(ps, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return x, w, b, rm, rv
+
+
+@pytest.mark.parametrize("mode", ["spatial", "per_activation"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_gradcheck_and_gradgradcheck(mode, channels_last, training, affine):
+    x, w, b, rm, rv = make((4, 3, 2, 3), mode, affine, channels_last)
+    inputs = [x.requires_grad_()]
+    if affine:
+        inputs += [w.requires_grad_(), b.requires_grad_()]
+
+    def f(x, w=None, b=None):
+        return batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3, mode=mode)
+
+    assert gradcheck(f, inputs)
+    assert gradgradcheck(f, inputs)
+
+
+def test_gradgradcheck_rank2_and_rank5():
+    for shape in [(5, 3), (3, 2, 2, 1, 2)]:
+        x, w, b, rm, rv = make(shape, "spatial", True, False)
+        inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+        assert gradgradcheck(lambda x, w, b: batch_norm(x, None, None, w, b, True), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_functional(dtype, channels_last, training):
+    x, w, b, rm, rv = make((6, 4, 5, 3), "spatial", True, channels_last, dtype=torch.float64)
+    x = x.to(dtype)
+    # torch takes low-precision input with float32 parameters (as under autocast).
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b, rm, rv = (t.to(pdt) for t in (w, b, rm, rv))
+    ours_rm, ours_rv = rm.clone(), rv.clone()
+    rm0, rv0 = rm.clone(), rv.clone()
+    xo = x.clone().requires_grad_()
+    xt = x.clone().requires_grad_()
+    wo, bo = w.clone().requires_grad_(), b.clone().requires_grad_()
+    wt, bt = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = batch_norm(xo, ours_rm, ours_rv, wo, bo, training, 0.3, 1e-4)
+    ref_x = xt if dtype != torch.bfloat16 else xt.float()  # torch CPU bf16 BN is coarse
+    yt = F.batch_norm(ref_x, rm, rv, wt, bt, training, 0.3, 1e-4)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    close(y, yt, dtype, "y")
+    close(ours_rm, rm, pdt, "running_mean")
+    close(ours_rv, rv, pdt, "running_var")
+    if not training:
+        assert torch.equal(ours_rm, rm0) and torch.equal(ours_rv, rv0)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    yt.backward(dy.to(yt.dtype))
+    close(xo.grad, xt.grad, dtype, "dx")
+    close(wo.grad, wt.grad, dtype, "dweight")
+    close(bo.grad, bt.grad, dtype, "dbias")
+    assert xo.grad.dtype == dtype and wo.grad.dtype == pdt
+
+
+def test_per_activation_is_batchnorm1d_of_flattened_input():
+    x, w, b, _, _ = make((7, 3, 2, 2), "per_activation", True, False)
+    rm, rv = torch.zeros(3, 2, 2, dtype=x.dtype), torch.ones(3, 2, 2, dtype=x.dtype)
+    y = batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, mode="per_activation")
+    rm_t, rv_t = torch.zeros(12, dtype=x.dtype), torch.ones(12, dtype=x.dtype)
+    yt = F.batch_norm(x.reshape(7, 12), rm_t, rv_t, w.reshape(12), b.reshape(12), True, 0.1)
+    close(y.reshape(7, 12), yt, x.dtype, "y")
+    close(rm.reshape(12), rm_t, x.dtype, "running_mean")
+    close(rv.reshape(12), rv_t, x.dtype, "running_var")
+
+
+def test_no_running_stats_and_non_contiguous_grad():
+    x, w, b, _, _ = make((4, 3, 5), "spatial", True, False)
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    batch_norm(xo, None, None, w, b, True).sum().backward()  # dy is an expanded (stride 0) view
+    F.batch_norm(xt, None, None, w, b, True).sum().backward()
+    close(xo.grad, xt.grad, x.dtype, "dx")
+
+
+def test_errors_match_torch():
+    x = torch.randn(1, 3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm(x, None, None, training=True)
+    with pytest.raises(ValueError, match="`weight` must have shape"):
+        batch_norm(torch.randn(4, 3), None, None, torch.ones(4), None, True)
+    with pytest.raises(TypeError):
+        batch_norm(torch.ones(4, 3, dtype=torch.int64), None, None, training=True)
+    with pytest.raises(ValueError, match="must be given when not training"):
+        batch_norm(torch.randn(4, 3), None, None, training=False)
+    with pytest.raises(ValueError, match="eps"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, eps=-1.0)
+
+
+def test_zero_size_batch():
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_does_not_modify_input():
+    x, w, b, rm, rv = make((4, 3, 2, 2), "spatial", True, True)
+    before = x.clone()
+    y = batch_norm(x.requires_grad_(), rm, rv, w, b, True)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.detach(), before)
