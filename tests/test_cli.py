@@ -50,8 +50,23 @@ def test_verify_exits_one_on_a_mismatch(monkeypatch, capsys):
     assert "MISMATCH" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["bench", "demo"])
+@pytest.mark.parametrize("name", ["bench", "demo"])  # real modules: options listed
 def test_other_subcommands_have_help(name):
     r = run_cli(name, "--help")
     assert r.returncode == 0, r.stderr
-    assert "usage" in r.stdout
+    assert "--quick" in r.stdout and "--threads" in r.stdout
+
+
+def test_demo_quick_trains_three_models_and_saves_the_plot(tmp_path):
+    plot = tmp_path / "curves.png"
+    r = run_cli("demo", "--epochs", "1", "--quick", "--plot", str(plot), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("batchnorm.torch", "torch.nn BN", "no BN", "test accuracy"):
+        assert name in r.stdout
+    assert "agree within float32 tolerance" in r.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_refuses_bad_options():
+    r = run_cli("demo", "--epochs", "0", "--no-plot")
+    assert r.returncode == 2
