@@ -47,6 +47,7 @@ def _entry(rank, world, port, fn, args):
     )
     try:
         fn(rank, world, *args)
+        dist.barrier()  # nobody tears down the group while another rank still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -162,11 +163,31 @@ def _world_even(rank, world):
         rank, sizes, (4, 5, 6), dtype=torch.float32, channels_last=True, momentum=1.0, seed=6
     )
 
-    # Eval is local: each rank normalizes with its running statistics, no collective.
-    m = SyncBatchNorm(4, dtype=torch.float64).eval()
-    x = torch.randn(2 + rank, 4, 3, dtype=torch.float64)
-    want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
-    _close("eval y", m(x), want, torch.float64)
+    # One collective forward, one backward, whatever the shape; none in eval.
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+
+    def counted(name):
+        def call(*a, **k):
+            calls.append(name)
+            return real[name](*a, **k)
+        return call
+
+    for name in real:
+        setattr(dist, name, counted(name))
+    try:
+        m = SyncBatchNorm(4, dtype=torch.float64)
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        m(x).sum().backward()
+        assert calls == ["all_gather", "all_reduce"], calls
+        calls.clear()
+        m.eval()
+        want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
+        _close("eval y", m(x), want, torch.float64)  # eval is local: each rank on its own
+        assert calls == [], calls
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
 
     # momentum=None: cumulative average over steps, 1 / num_batches_tracked.
     gen = torch.Generator().manual_seed(7)
@@ -330,6 +351,11 @@ def test_from_batchnorm_keeps_state(cls, track):
 def test_from_batchnorm_without_affine_and_refusals():
     s = SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(4, affine=False))
     assert s.weight is None and s.bias is None and s.training
+    assert isinstance(s, torch.nn.modules.batchnorm._BatchNorm)
+    torch_sync = torch.nn.SyncBatchNorm(4, momentum=None)
+    s = SyncBatchNorm.from_batchnorm(torch_sync, process_group="pg-sentinel")
+    assert s.momentum is None and s.process_group == "pg-sentinel"
+    assert s.weight is torch_sync.weight  # shared, as convert_sync_batchnorm does
     with pytest.raises(TypeError):
         SyncBatchNorm.from_batchnorm(torch.nn.LayerNorm(4))
     with pytest.raises(ValueError):

@@ -39,6 +39,11 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
+def _widened(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # float32 / float64 are used as they are; narrower floats get a float32 copy.
+    return t if t.dtype == acc else t.to(acc)
+
+
 def _local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """This shard's per-channel count, mean and M2 = sum (x - mean)^2.
 
@@ -58,8 +63,7 @@ def _local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     dims = [0] + list(range(2, x.dim()))
     # torch.var_mean uses Welford / two-pass internally: cancellation-free (SPEC §4).
     # Narrower floats are widened first (a copy; float32 and float64 are reduced in place).
-    xs = x if x.dtype == acc else x.to(acc)
-    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    var, mean = torch.var_mean(_widened(x, acc), dim=dims, correction=0)
     return count, mean, var * count
 
 
@@ -110,7 +114,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         acc = _acc_dtype(x.dtype)
         count, mean_l, m2_l = _local_moments(x)
         rows = _gather_moments(count, mean_l, m2_l, group, world)
-        n, mean64, m264 = _merge_moments(rows, c)
+        n, mean64, m264 = _merge_moments(rows, c)  # n on the host: a sync point on GPUs
         # Decided after the collective, from numbers every rank holds: all raise or none does.
         if n == 1:
             raise ValueError(
@@ -139,17 +143,19 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         # y = (x - mean) * (gamma * invstd) + beta, built in the output buffer only;
         # torch.sub keeps x's memory format (channels_last stays channels_last).
+        # float16 / bfloat16 are normalized in float32 (a widened copy) and rounded once.
         nd = x.dim()
-        y = torch.sub(x, _channel_view(mean.to(x.dtype), nd))
+        y = torch.sub(_widened(x, acc), _channel_view(mean, nd))
         scale = invstd if weight is None else invstd * weight.to(acc)
-        y.mul_(_channel_view(scale.to(x.dtype), nd))
+        y.mul_(_channel_view(scale, nd))
         if bias is not None:
-            y.add_(_channel_view(bias.to(x.dtype), nd))
+            y.add_(_channel_view(bias.to(acc), nd))
+        y = y.to(x.dtype)
 
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count = n
         ctx.group = group
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -159,11 +165,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         nd = x.dim()
         acc = mean.dtype
         dims = [0] + list(range(2, nd))
-        mean_v = _channel_view(mean.to(x.dtype), nd)
+        mean_v = _channel_view(mean, nd)
+        xw, dyw = _widened(x, acc), _widened(dy, acc)
 
         # One buffer the size of x: first (x - mean) * dy for the reduction, then dx.
-        buf = torch.sub(x, mean_v)
-        buf.mul_(dy)
+        buf = torch.sub(xw, mean_v)
+        buf.mul_(dyw)
         sum_dy_xmu = buf.sum(dims, dtype=acc)
         sum_dy = dy.sum(dims, dtype=acc)
         # dgamma / dbeta are this rank's share (DDP averages them); only dx needs the sums
@@ -185,18 +192,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 c0 = -a * g_sum_dy / n
             else:
                 b = c0 = torch.zeros_like(a)
-            torch.sub(x, mean_v, out=buf)
-            buf.mul_(_channel_view(b.to(x.dtype), nd))
-            buf.addcmul_(dy, _channel_view(a.to(x.dtype), nd))
-            buf.add_(_channel_view(c0.to(x.dtype), nd))
-            dx = buf
+            torch.sub(xw, mean_v, out=buf)
+            buf.mul_(_channel_view(b, nd))
+            buf.addcmul_(dyw, _channel_view(a, nd))
+            buf.add_(_channel_view(c0, nd))
+            dx = buf.to(x.dtype)
 
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = dgamma_local.to(weight.dtype)
         dbias = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dbeta_local.to(dy.dtype if weight is None else weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = dbeta_local.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
