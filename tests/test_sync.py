@@ -1,0 +1,365 @@
+"""Synchronized batch norm over torch.distributed (gloo, processes on localhost).
+
+Every distributed check compares a group of shards with plain batch norm on the concatenated
+batch. Spawning a process costs seconds, so each spawned world runs several checks in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import socket
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from batchnorm.torch.sync import SyncBatchNorm, sync_batch_norm  # noqa: E402
+
+TOL = {torch.float64: dict(rtol=1e-11, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+WORLD_TIMEOUT_S = 120  # generous: the machine may be shared; a hang still ends the test
+
+
+# ---------------------------------------------------------------- running a world
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # nobody tears down the group while another rank still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_world(fn, world, *args):
+    """Run fn(rank, world, *args) on `world` spawned processes; fail on error or timeout."""
+    ctx = mp.start_processes(
+        _entry,
+        args=(world, _free_port(), fn, args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + WORLD_TIMEOUT_S
+    while not ctx.join(timeout=1.0):  # re-raises a worker's exception with its traceback
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed world of {world} did not finish in {WORLD_TIMEOUT_S}s")
+
+
+# ---------------------------------------------------------------- checks run on every rank
+
+
+def _close(name, got, want, dtype):
+    tol = TOL[dtype]
+    if not torch.allclose(got, want, **tol):
+        diff = (got - want).abs()
+        raise AssertionError(
+            f"{name}: max |diff| {diff.max().item():.3e}, mean {diff.mean().item():.3e} "
+            f"(rtol {tol['rtol']}, atol {tol['atol']})"
+        )
+
+
+def _check_against_plain(
+    rank, sizes, tail, *, dtype=torch.float64, channels_last=False, momentum=0.3, group=None,
+    affine=True, functional=False, seed=0,
+):
+    """Shards of sizes[rank] along N vs F.batch_norm on the full batch: y, dx, dgamma, dbeta,
+    running statistics."""
+    c = tail[0]
+    gen = torch.Generator().manual_seed(seed)
+    full = (sum(sizes),) + tuple(tail)
+    # Offset data: a large mean over a small spread exposes any E[x^2] - E[x]^2.
+    x_full = torch.randn(full, generator=gen, dtype=dtype) * 0.5 + 3.0
+    dy_full = torch.randn(full, generator=gen, dtype=dtype)
+    gamma = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=dtype)
+    rm0 = torch.randn(c, generator=gen, dtype=dtype)
+    rv0 = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+
+    lo = sum(sizes[:rank])
+    x = x_full[lo : lo + sizes[rank]].clone()
+    dy = dy_full[lo : lo + sizes[rank]].clone()
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+
+    if functional:
+        w = gamma.clone().requires_grad_(True) if affine else None
+        b = beta.clone().requires_grad_(True) if affine else None
+        rm, rv = rm0.clone(), rv0.clone()
+        y = sync_batch_norm(x, rm, rv, w, b, True, momentum, 1e-5, group)
+    else:
+        m = SyncBatchNorm(c, momentum=momentum, affine=affine, process_group=group, dtype=dtype)
+        with torch.no_grad():
+            m.running_mean.copy_(rm0)
+            m.running_var.copy_(rv0)
+            if affine:
+                m.weight.copy_(gamma)
+                m.bias.copy_(beta)
+        y = m(x)
+        w, b, rm, rv = m.weight, m.bias, m.running_mean, m.running_var
+    y.backward(dy)
+
+    xr = x_full.clone().requires_grad_(True)
+    wr = gamma.clone().requires_grad_(True) if affine else None
+    br = beta.clone().requires_grad_(True) if affine else None
+    rmr, rvr = rm0.clone(), rv0.clone()
+    yr = F.batch_norm(xr, rmr, rvr, wr, br, True, momentum, 1e-5)
+    yr.backward(dy_full)
+
+    sl = slice(lo, lo + sizes[rank])
+    assert y.shape == x.shape and y.dtype == dtype
+    if channels_last:
+        assert y.is_contiguous(memory_format=fmt), "output lost the channels_last layout"
+    _close("y", y, yr[sl], dtype)
+    _close("dx", x.grad, xr.grad[sl], dtype)
+    _close("running_mean", rm, rmr, dtype)
+    _close("running_var", rv, rvr, dtype)
+    if affine:
+        # Each rank holds its share of dgamma / dbeta; their sum is the full-batch gradient.
+        dg, db = w.grad.clone(), b.grad.clone()
+        dist.all_reduce(dg, group=group)
+        dist.all_reduce(db, group=group)
+        _close("dgamma", dg, wr.grad, dtype)
+        _close("dbeta", db, br.grad, dtype)
+    else:
+        assert w is None and b is None
+
+
+def _world_even(rank, world):
+    sizes = (3,) * world
+    _check_against_plain(rank, sizes, (4, 5, 6))
+    _check_against_plain(rank, sizes, (4, 5, 6), channels_last=True, seed=1)
+    _check_against_plain(rank, sizes, (3, 2, 3, 4), channels_last=True, seed=2)  # 3d
+    _check_against_plain(rank, sizes, (7,), seed=3)  # BatchNorm1d on (N, C)
+    _check_against_plain(rank, sizes, (4, 9), functional=True, affine=False, seed=4)  # (N, C, L)
+    _check_against_plain(rank, sizes, (4, 5, 6), dtype=torch.float32, seed=5)
+    _check_against_plain(
+        rank, sizes, (4, 5, 6), dtype=torch.float32, channels_last=True, momentum=1.0, seed=6
+    )
+
+    # One collective forward, one backward, whatever the shape; none in eval.
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+
+    def counted(name):
+        def call(*a, **k):
+            calls.append(name)
+            return real[name](*a, **k)
+        return call
+
+    for name in real:
+        setattr(dist, name, counted(name))
+    try:
+        m = SyncBatchNorm(4, dtype=torch.float64)
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        m(x).sum().backward()
+        assert calls == ["all_gather", "all_reduce"], calls
+        calls.clear()
+        m.eval()
+        want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
+        _close("eval y", m(x), want, torch.float64)  # eval is local: each rank on its own
+        assert calls == [], calls
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+
+    # momentum=None: cumulative average over steps, 1 / num_batches_tracked.
+    gen = torch.Generator().manual_seed(7)
+    m = SyncBatchNorm(2, momentum=None, dtype=torch.float64)
+    rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    for step in range(1, 4):
+        full = torch.randn(2 * world, 2, dtype=torch.float64, generator=gen)
+        m(full[2 * rank : 2 * rank + 2])
+        F.batch_norm(full, rm, rv, None, None, True, 1.0 / step, 1e-5)
+    assert int(m.num_batches_tracked) == 3
+    _close("cumulative running_mean", m.running_mean, rm, torch.float64)
+    _close("cumulative running_var", m.running_var, rv, torch.float64)
+
+
+def _world_of_three(rank, world):
+    assert world == 3
+    _check_against_plain(rank, (5, 1, 3), (4, 3, 5))
+    _check_against_plain(rank, (5, 1, 3), (4, 3, 5), channels_last=True, seed=1)
+    _check_against_plain(rank, (4, 0, 2), (4, 3, 5), seed=2)  # rank 1 holds an empty shard
+    _check_against_plain(rank, (0, 2, 0), (3, 4), dtype=torch.float32, seed=3)
+    _check_against_plain(rank, (1, 1, 0), (5,), seed=4)  # 2 values per channel in all
+
+    # One value per channel over the whole group: every rank raises, nobody hangs.
+    m = SyncBatchNorm(3, dtype=torch.float64)
+    before = m.running_mean.clone()
+    x = torch.randn((1, 0, 0)[rank], 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(x)
+    assert torch.equal(m.running_mean, before)
+
+    # Every shard empty: empty output, zero gradients, running statistics unchanged.
+    m = SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.empty(0, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    y.backward(torch.empty_like(y))
+    assert y.shape == (0, 3, 4)
+    assert torch.equal(m.running_mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(m.running_var, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(m.weight.grad, torch.zeros(3, dtype=torch.float64))
+
+    # A subgroup: ranks 0 and 2 synchronize with each other only; rank 1 sits it out.
+    group = dist.new_group([0, 2])
+    if rank != 1:
+        sub_rank = {0: 0, 2: 1}[rank]
+        _check_against_plain(sub_rank, (2, 3), (4, 3), group=group, seed=5)
+    dist.barrier()  # rank 1 must still be alive for the others' collectives to be judged
+
+
+# ---------------------------------------------------------------- DDP training
+
+
+def _small_net(sync: bool):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 8, 3, stride=2),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    ).double()
+    if sync:
+        for i, layer in enumerate(net):
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                net[i] = SyncBatchNorm.from_batchnorm(layer)
+    return net
+
+
+def _world_ddp(rank, world, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref = _small_net(sync=False)
+    model = DDP(_small_net(sync=True))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    per_rank = 4
+    for _ in range(steps):
+        x = torch.randn(per_rank * world, 3, 8, 8, dtype=torch.float64, generator=gen)
+        t = torch.randint(0, 4, (per_rank * world,), generator=gen)
+        sl = slice(rank * per_rank, (rank + 1) * per_rank)
+
+        opt.zero_grad()
+        F.cross_entropy(model(x[sl]), t[sl]).backward()  # DDP averages over the ranks
+        opt.step()
+
+        opt_ref.zero_grad()
+        F.cross_entropy(ref(x), t).backward()  # the mean over the full batch
+        opt_ref.step()
+
+    got = model.module.state_dict()
+    for name, want in ref.state_dict().items():
+        if want.is_floating_point():
+            _close(f"after {steps} steps: {name}", got[name], want, torch.float64)
+        else:
+            assert torch.equal(got[name], want), name
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_world_of_two_matches_full_batch():
+    _run_world(_world_even, 2)
+
+
+def test_world_of_three_uneven_empty_too_few_and_subgroup():
+    _run_world(_world_of_three, 3)
+
+
+def test_ddp_training_matches_single_process():
+    _run_world(_world_ddp, 2, 3)
+
+
+def test_world_of_one_is_plain_batch_norm():
+    # torch.distributed not initialized here: the local path, F.batch_norm.
+    assert not dist.is_initialized()
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    m = SyncBatchNorm(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    _close("y", m(x), F.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5), torch.float64)
+    _close("running_var", m.running_var, rv, torch.float64)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        sync_batch_norm(torch.randn(1, 3), None, None, None, None, True, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("cls", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d])
+@pytest.mark.parametrize("track", [True, False])
+def test_from_batchnorm_keeps_state(cls, track):
+    bn = cls(5, eps=1e-3, momentum=0.25, track_running_stats=track, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_()
+        bn.bias.uniform_()
+        if track:
+            bn.running_mean.uniform_()
+            bn.running_var.uniform_(1, 2)
+            bn.num_batches_tracked.fill_(7)
+    bn.bias.requires_grad_(False)
+    bn.eval()
+    want = copy.deepcopy(bn.state_dict())
+
+    s = SyncBatchNorm.from_batchnorm(bn, process_group=None)
+    assert type(s) is SyncBatchNorm
+    assert (s.num_features, s.eps, s.momentum) == (5, 1e-3, 0.25)
+    assert s.track_running_stats is track and not s.training
+    assert s.weight.dtype == torch.float64 and s.weight.requires_grad
+    assert not s.bias.requires_grad
+    assert s.state_dict().keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(s.state_dict()[k], v), k
+        assert s.state_dict()[k].device == v.device
+    tail = {torch.nn.BatchNorm1d: (), torch.nn.BatchNorm2d: (4, 4), torch.nn.BatchNorm3d: (3, 3, 3)}
+    x = torch.randn(3, 5, *tail[cls], dtype=torch.float64)
+    _close("eval y", s(x), bn(x), torch.float64)
+
+
+def test_from_batchnorm_without_affine_and_refusals():
+    s = SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(4, affine=False))
+    assert s.weight is None and s.bias is None and s.training
+    assert isinstance(s, torch.nn.modules.batchnorm._BatchNorm)
+    torch_sync = torch.nn.SyncBatchNorm(4, momentum=None)
+    s = SyncBatchNorm.from_batchnorm(torch_sync, process_group="pg-sentinel")
+    assert s.momentum is None and s.process_group == "pg-sentinel"
+    assert s.weight is torch_sync.weight  # shared, as convert_sync_batchnorm does
+    with pytest.raises(TypeError):
+        SyncBatchNorm.from_batchnorm(torch.nn.LayerNorm(4))
+    with pytest.raises(ValueError):
+        SyncBatchNorm.from_batchnorm(torch.nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError):
+        SyncBatchNorm(3)(torch.randn(3))
+
