@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from batchnorm.torch.sync import SyncBatchNorm
+from batchnorm.torch import SyncBatchNorm, convert_model
 
 
 def small_convnet(classes: int) -> torch.nn.Module:
@@ -40,15 +40,6 @@ def small_convnet(classes: int) -> torch.nn.Module:
         torch.nn.Flatten(),
         torch.nn.Linear(32, classes),
     )
-
-
-def to_sync(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-    """Replace every BatchNorm*d in ``module`` by a SyncBatchNorm holding its state."""
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        return SyncBatchNorm.from_batchnorm(module, process_group)
-    for name, child in module.named_children():
-        setattr(module, name, to_sync(child, process_group))
-    return module
 
 
 def synthetic_images(n: int, classes: int, seed: int = 0) -> TensorDataset:
@@ -84,7 +75,7 @@ def main() -> None:
 
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     classes = 4
-    model = to_sync(small_convnet(classes)).to(device)
+    model = convert_model(small_convnet(classes), sync=True).to(device)
     model = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 

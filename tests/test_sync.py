@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import socket
+import sys
 import time
 
 import pytest
@@ -50,6 +52,11 @@ def _entry(rank, world, port, fn, args):
         dist.barrier()  # nobody tears down the group while another rank still talks to it
     finally:
         dist.destroy_process_group()
+    # torch 2.13's gloo teardown sometimes aborts a process at interpreter exit ("terminate
+    # called without an active exception") after all work is done; leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_world(fn, world, *args):
@@ -363,3 +370,21 @@ def test_from_batchnorm_without_affine_and_refusals():
     with pytest.raises(ValueError):
         SyncBatchNorm(3)(torch.randn(3))
 
+
+
+def test_convert_model_sync_builds_sync_layers_sharing_state():
+    import batchnorm.torch as bnt
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+                                torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(36)))
+    weight = model[1].weight
+    converted = bnt.convert_model(model, sync=True)
+    assert isinstance(converted[1], bnt.SyncBatchNorm)
+    assert isinstance(converted[2][1], bnt.SyncBatchNorm)
+    assert converted[1].weight is weight, "parameters are shared, so optimizers keep working"
+    assert bnt.sync_batch_norm is sync_batch_norm
+    x = torch.randn(5, 3, 3, 3)
+    # without an initialized process group it is plain batch norm on the local batch
+    converted.train()
+    y = converted(x)
+    assert y.shape == (5, 36) and torch.isfinite(y).all()

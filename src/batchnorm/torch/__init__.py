@@ -1,7 +1,8 @@
 """PyTorch bindings: ``batch_norm``, drop-in ``BatchNorm1d/2d/3d``, model conversion and folding.
 
 CPU tensors run on the NumPy backends without copies; CUDA tensors run on the GPU backend.
-``SyncBatchNorm`` is imported on first use (it needs ``torch.distributed``).
+``SyncBatchNorm`` and ``sync_batch_norm`` are imported on first use (they need
+``torch.distributed``).
 """
 
 from .convert import convert_model, fold_batchnorm
@@ -16,12 +17,13 @@ __all__ = [
     "batch_norm",
     "convert_model",
     "fold_batchnorm",
+    "sync_batch_norm",
 ]
 
 
 def __getattr__(name: str):
-    if name == "SyncBatchNorm":
-        from .sync import SyncBatchNorm
+    if name in ("SyncBatchNorm", "sync_batch_norm"):
+        from . import sync
 
-        return SyncBatchNorm
+        return getattr(sync, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,8 +6,8 @@ size, empty ones included, give exactly the statistics of the concatenated batch
 sums (sum dy, sum dy * xhat) over the group in one all-reduce and uses the global count.
 
 The transport is ``torch.distributed`` (gloo on CPU, NCCL on GPUs). Eval mode, a group of one
-process, or an uninitialized ``torch.distributed`` take the local path,
-``torch.nn.functional.batch_norm``.
+process, or an uninitialized ``torch.distributed`` take the local path, this library's
+:func:`batchnorm.torch.batch_norm`.
 
 Gradients: dx is the gradient of the sum of every rank's loss (the backward all-reduce makes
 it so); dgamma and dbeta are this rank's share only, because DistributedDataParallel averages
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from .function import batch_norm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -239,9 +240,7 @@ def sync_batch_norm(
         raise ValueError(f"expected an input of rank 2 or more, got shape {tuple(input.shape)}")
     world = _world_size(process_group)
     if not training or world == 1:
-        return F.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, process_group, world
     )
@@ -294,7 +293,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             )
         # Eval is local; without running statistics it normalizes by this shard's batch.
         use_batch = self.running_mean is None and self.running_var is None
-        return F.batch_norm(
+        return batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias,
             use_batch, factor, self.eps,
         )
