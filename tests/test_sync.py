@@ -388,3 +388,16 @@ def test_convert_model_sync_builds_sync_layers_sharing_state():
     converted.train()
     y = converted(x)
     assert y.shape == (5, 36) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": -1.0}, "eps must be a finite number >= 0"),
+    ({"momentum": 5.0}, r"momentum must be a number in \[0, 1\]"),
+    ({"weight": torch.ones(4)}, r"`weight` must have shape \(3,\)"),
+])
+def test_sync_batch_norm_refuses_bad_arguments_before_any_collective(kwargs, message):
+    args = {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+            "training": True, "momentum": 0.1, "eps": 1e-5}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        sync_batch_norm(torch.randn(4, 3, 5), **args)

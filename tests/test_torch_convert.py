@@ -131,3 +131,16 @@ def test_fold_skips_bn_without_running_stats():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
     folded = bnt.fold_batchnorm(model)
     assert isinstance(folded[1], nn.BatchNorm1d)
+
+
+def test_fold_after_linear_refuses_input_where_the_fold_is_not_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5))
+    model(torch.randn(8, 5))               # some running statistics
+    model.eval()
+    folded = bnt.fold_batchnorm(model)
+    x2 = torch.randn(4, 5)
+    torch.testing.assert_close(folded(x2), model(x2), atol=1e-5, rtol=1e-5)
+    # on (N, C, L) the BatchNorm1d normalizes axis 1 but the Linear acts on the last axis
+    with pytest.raises(ValueError, match="exact only for \\(N, C\\) input"):
+        folded(torch.randn(4, 5, 5))

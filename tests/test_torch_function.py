@@ -121,7 +121,10 @@ def test_errors_match_torch():
         batch_norm(torch.randn(4, 3), None, None, torch.ones(4), None, True)
     with pytest.raises(TypeError):
         batch_norm(torch.ones(4, 3, dtype=torch.int64), None, None, training=True)
-    with pytest.raises(ValueError, match="must be given when not training"):
+    # eval without running statistics: torch's own exception type and message
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=False)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
         batch_norm(torch.randn(4, 3), None, None, training=False)
     with pytest.raises(ValueError, match="eps"):
         batch_norm(torch.randn(4, 3), None, None, training=True, eps=-1.0)

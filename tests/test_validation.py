@@ -102,6 +102,11 @@ def test_rank_one_is_refused():
 def test_axis_conflicts_and_range():
     with pytest.raises(ValueError, match="either `axis` or `mode`/`channel_axis`"):
         bn.forward_training(X, None, None, axis=(0, 2), mode="per_activation")
+    # explicit defaults count as given too
+    with pytest.raises(ValueError, match="either `axis` or `mode`/`channel_axis`"):
+        bn.forward_training(X, None, None, axis=(0,), mode="spatial")
+    with pytest.raises(ValueError, match="either `axis` or `mode`/`channel_axis`"):
+        bn.forward_inference(X, None, None, G, G, axis=(0, 2), channel_axis=1)
     with pytest.raises(ValueError, match="out of range"):
         bn.forward_training(X, None, None, axis=(0, 5))
     with pytest.raises(ValueError, match="twice"):
@@ -155,3 +160,11 @@ def test_unknown_and_unavailable_backends():
     # the GPU backend never runs NumPy arrays: asked for by name, it says why
     with pytest.raises(BackendUnavailable, match="gpu"):
         bn.forward_training(X, None, None, backend="gpu")
+
+
+def test_auto_says_why_no_backend_can_run():
+    from batchnorm.backends import select
+
+    with pytest.raises(BackendUnavailable, match=r"no backend can run an input of type list "
+                                                 r"\(gpu: .*; cpu: .*; reference: .*\)"):
+        select("auto", [1.0, 2.0])

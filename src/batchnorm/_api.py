@@ -32,7 +32,7 @@ def _check_input(x, name: str = "x") -> np.ndarray:
     return arr
 
 
-def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode="spatial", channel_axis=1,
+def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_axis=None,
                      running_mean=None, running_var=None, momentum=0.1, check_finite=False,
                      out=None, backend="auto", axis=None):
     """Batch-norm forward with batch statistics: y = gamma * (x - mu) / sqrt(var + eps) + beta.
@@ -42,9 +42,9 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode="spatial", chan
         gamma, beta: [param_shape] scale and shift, or None for no affine transform.
             ``param_shape`` is ``(C,)`` in the spatial modes and ``x.shape[1:]`` per activation.
         eps: added to the biased variance; finite and >= 0.
-        mode: ``"spatial"``, ``"spatial_persistent"`` (same result, single-read algorithm)
-            or ``"per_activation"``.
-        channel_axis: 1 for NCHW, -1 for channels-last.
+        mode: ``"spatial"`` (the default), ``"spatial_persistent"`` (same result, single-read
+            algorithm) or ``"per_activation"``.
+        channel_axis: 1 for NCHW (the default), -1 for channels-last.
         running_mean, running_var: [param_shape] arrays updated IN PLACE with
             ``(1 - momentum) * running + momentum * batch`` (the variance unbiased), if given.
         momentum: in [0, 1]; 1 replaces the running statistics.
@@ -52,7 +52,8 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode="spatial", chan
             are not finite.
         out: optional array of x's shape and dtype that receives y.
         backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"gpu"``.
-        axis: optional tuple of axes to reduce over; replaces ``mode`` / ``channel_axis``.
+        axis: optional tuple of axes to reduce over; replaces ``mode`` / ``channel_axis``
+            (giving it with either is a ValueError, so those two default to None).
 
     Returns:
         ``(y, SavedStats(mean, invstd))``; y has x's shape and dtype.
@@ -78,7 +79,7 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode="spatial", chan
     return y, SavedStats(mean, invstd)
 
 
-def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode="spatial", channel_axis=1,
+def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel_axis=None,
                       out=None, backend="auto", axis=None):
     """Batch-norm forward with given statistics: y = gamma * (x - mean) / sqrt(var + eps) + beta.
 
@@ -103,7 +104,7 @@ def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode="spatial", ch
     return impl.forward_inference(x, gamma, beta, mean, var, layout, eps=eps, out=out)
 
 
-def backward(dy, x, gamma, saved, *, mode="spatial", channel_axis=1, out=None,
+def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
              backend="auto", axis=None, training=True):
     """Gradients of batch norm from dy and the saved statistics (closed form, SPEC section 1).
 

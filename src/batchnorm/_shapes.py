@@ -85,14 +85,15 @@ def _fail(exc: type[Exception], message: str) -> None:
 
 def resolve_layout(
     shape: tuple[int, ...],
-    mode: str = DEFAULT_MODE,
-    channel_axis: int = DEFAULT_CHANNEL_AXIS,
+    mode: str | None = None,
+    channel_axis: int | None = None,
     axis: Any = None,
 ) -> Layout:
     """Turn the user's ``mode`` / ``channel_axis`` / ``axis`` into a :class:`Layout`.
 
-    ``axis`` (Chainer's convention, the axes to reduce over) replaces ``mode`` and
-    ``channel_axis``; giving it together with a non-default mode or channel axis is an error.
+    ``mode`` defaults to ``"spatial"`` and ``channel_axis`` to 1 (None means "not given").
+    ``axis`` (Chainer's convention, the axes to reduce over) replaces both; giving it together
+    with either is an error.
     Layouts are cached: a training loop sees the same few shapes on every call.
     """
     if isinstance(axis, list):
@@ -109,7 +110,7 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     if axis is not None:
-        if mode != DEFAULT_MODE or channel_axis != DEFAULT_CHANNEL_AXIS:
+        if mode is not None or channel_axis is not None:
             _fail(ValueError, "give either `axis` or `mode`/`channel_axis`, not both")
         axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
         if not axes:
@@ -129,6 +130,8 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
         kept = tuple(a for a in range(ndim) if a not in reduce_axes)
         return Layout(shape, "axis", reduce_axes, kept)
 
+    mode = DEFAULT_MODE if mode is None else mode
+    channel_axis = DEFAULT_CHANNEL_AXIS if channel_axis is None else channel_axis
     if mode not in MODES:
         _fail(ValueError, f"unknown mode {mode!r}; valid choices are {', '.join(map(repr, MODES))}")
     if ndim < 2:

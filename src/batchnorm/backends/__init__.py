@@ -43,11 +43,17 @@ def select(name: str, x) -> ModuleType:
         x: the call's input array (or tensor); backends decide whether they accept it.
     """
     if name == "auto":
+        reasons = []
         for candidate in AUTO_ORDER:
-            module, _ = _load(candidate)
-            if module is not None and module.unavailable_reason(x) is None:
-                return module
-        raise BackendUnavailable(f"no backend can run an input of type {type(x).__name__}")
+            module, reason = _load(candidate)
+            if module is not None:
+                reason = module.unavailable_reason(x)
+                if reason is None:
+                    return module
+            reasons.append(f"{candidate}: {reason}")
+        raise BackendUnavailable(
+            f"no backend can run an input of type {type(x).__name__} ({'; '.join(reasons)})"
+        )
     if name not in _MODULES:
         raise ValueError(
             f"unknown backend {name!r}; valid choices are 'auto', "

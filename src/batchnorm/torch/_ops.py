@@ -8,9 +8,10 @@ opaque node per call, and the fake kernels tell it the output shapes and dtypes.
 Dispatch: a CPU tensor is handed to the backends as a zero-copy NumPy view
 (``t.detach().numpy()``; contiguous and channels-last strides both work), the output is
 allocated with ``torch.empty_like(x)`` so it keeps the input's memory format, and the backend
-writes into it through ``out=``. Any other device hands the tensor itself to the backend
-registry (the GPU backend takes tensors). NumPy has no bfloat16, so a bfloat16 CPU tensor is
-computed through a float32 copy and the result is rounded back to bfloat16.
+writes into it through ``out=``. A CUDA tensor goes to the GPU backend as it is; one that
+backend refuses (float64, or Triton missing) takes a round trip through host memory and the
+CPU backend, as ``"auto"`` promises a backend that can run. NumPy has no bfloat16, so a
+bfloat16 CPU tensor is computed through a float32 copy and the result is rounded back.
 
 Autograd formulas are registered in :mod:`batchnorm.torch.function`.
 """
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _shapes as S
-from ..backends import select
+from ..backends import BackendUnavailable, select
 
 _NS = "batchnorm"
 
@@ -36,7 +37,7 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
+def check_layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
     """Validate what the backends would validate, on tensors (which may live on a GPU)."""
     if not x.dtype.is_floating_point:
         raise TypeError(f"`input` must have a floating-point dtype, got {x.dtype}")
@@ -56,32 +57,47 @@ def _layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
     return layout
 
 
-class _Host:
-    """Turns tensors into what the backend takes, and remembers float32 stand-ins to copy back.
+def _needs_host(x: Tensor) -> bool:
+    """Whether ``x`` runs on the NumPy backends: CPU tensors, and device tensors that the GPU
+    backend refuses (float64, or no Triton), which then make a round trip through host memory.
+    """
+    if x.device.type == "cpu":
+        return True
+    try:
+        select("gpu", x)
+    except BackendUnavailable:
+        return True
+    return False
 
-    On the CPU that is a NumPy view (no copy), except for bfloat16, which NumPy cannot
-    represent: those become float32 copies. Elsewhere the tensor is passed through.
+
+class _Host:
+    """Turns tensors into what the backend takes, and remembers stand-ins to copy back.
+
+    On the NumPy path a CPU tensor becomes a NumPy view (no copy), except bfloat16, which
+    NumPy cannot represent: it becomes a float32 copy. A device tensor on that path becomes a
+    host copy. Stand-ins of tensors the backend writes are copied back by :meth:`finish`.
+    Otherwise (the GPU backend) tensors pass through.
     """
 
-    def __init__(self, device: torch.device):
-        self.cpu = device.type == "cpu"
+    def __init__(self, x: Tensor):
+        self.numpy = _needs_host(x)
         self.copies: list[tuple[Tensor, Tensor]] = []
 
     def __call__(self, t: Tensor | None, *, writeback: bool = False):
-        if t is None or not self.cpu:
+        if t is None or not self.numpy:
             return t
         t = t.detach()
-        if t.dtype == torch.bfloat16:
-            wide = t.float()
-            if writeback:
-                self.copies.append((t, wide))
-            return wide.numpy()
-        return t.numpy()
+        host = t.cpu()
+        if host.dtype == torch.bfloat16:
+            host = host.float()
+        if writeback and host is not t:
+            self.copies.append((t, host))
+        return host.numpy()
 
     def finish(self) -> None:
-        """Round the float32 stand-ins of bfloat16 tensors that were written back into them."""
-        for target, wide in self.copies:
-            target.copy_(wide)
+        """Copy the stand-ins that the backend wrote back into their tensors."""
+        for target, host in self.copies:
+            target.copy_(host)
 
 
 def _output_like(x: Tensor) -> Tensor:
@@ -124,21 +140,21 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
             inside the operator, so that a compiled graph need not know its value.
     """
-    layout = _layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
+    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
                      running_var=running_var)
     if batches is not None:
         momentum = 1.0 / max(float(batches), 1.0)
     S.check_scalars(eps, momentum)
     S.check_training_count(layout)
     new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
-    host = _Host(x.device)
+    host = _Host(x)
     xa = host(x)
     y = _output_like(x)
     _, mean, invstd, _ = select("auto", xa).forward_training(
         xa, host(weight), host(bias), layout, eps=eps, momentum=momentum,
         running_mean=host(new_mean, writeback=True) if running_mean is not None else None,
         running_var=host(new_var, writeback=True) if running_var is not None else None,
-        out=host(y), check_finite=False,
+        out=host(y, writeback=True), check_finite=False,
     )
     host.finish()
     return (y.to(x.dtype), _tensor(mean, x.device), _tensor(invstd, x.device),
@@ -167,14 +183,16 @@ def forward_inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, mea
         mean, var: [param_shape] statistics (usually the running ones).
         eps, mode: as in :func:`forward_training`.
     """
-    layout = _layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
+    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
     S.check_scalars(eps)
-    host = _Host(x.device)
+    host = _Host(x)
     xa = host(x)
     y = _output_like(x)
     select("auto", xa).forward_inference(
-        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps, out=host(y)
+        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps,
+        out=host(y, writeback=True),
     )
+    host.finish()
     return y.to(x.dtype)
 
 
@@ -198,17 +216,18 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd:
         training: whether the statistics were the batch's own.
         mode: as in :func:`forward_training`.
     """
-    layout = _layout(x, mode, weight=weight, mean=mean, invstd=invstd)
+    layout = check_layout(x, mode, weight=weight, mean=mean, invstd=invstd)
     S.check_same_shape("dy", dy, layout)
     if training:
         S.check_training_count(layout)
-    host = _Host(x.device)
+    host = _Host(x)
     xa = host(x)
     dx = _output_like(x)
     _, dweight, dbias = select("auto", xa).backward(
         host(dy), xa, host(weight), host(mean), host(invstd), layout, training=training,
-        out=host(dx),
+        out=host(dx, writeback=True),
     )
+    host.finish()
     sdt = stats_dtype(x.dtype)
     dbias = _tensor(dbias, x.device).to(sdt)
     if dweight is None:

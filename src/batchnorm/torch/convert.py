@@ -60,6 +60,23 @@ def convert_model(module: nn.Module, *, sync: bool = False, process_group=None) 
     return module
 
 
+class FoldedIntoLinear(nn.Identity):
+    """Stands where a BatchNorm1d folded into the preceding Linear was.
+
+    The fold is exact only for (N, C) input: Linear acts on the last axis, BatchNorm1d on
+    axis 1, so on (N, C, L) input the folded model would silently compute something else.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 2:
+            raise ValueError(
+                "fold_batchnorm folded a BatchNorm1d into the Linear before it, which is exact "
+                f"only for (N, C) input; got {input.dim()}-d input. Fold a model that sees 2-d "
+                "input there, or keep that BatchNorm1d unfolded."
+            )
+        return input
+
+
 def _fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """W' = W * s, b' = (b - mean) * s + beta with s = gamma / sqrt(running_var + eps)."""
     with torch.no_grad():
@@ -96,7 +113,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     The rule: inside every ``torch.nn.Sequential``, a batch norm (ours or torch's, with running
     statistics) that comes right after a ``Conv1d/2d/3d`` or ``Linear`` with as many output
-    channels is folded into that layer's weight and bias and replaced by ``nn.Identity``.
+    channels is folded into that layer's weight and bias and replaced by ``nn.Identity`` (after
+    a ``Linear``, by :class:`FoldedIntoLinear`, an identity that refuses input of rank other
+    than 2, the only case where that fold is exact).
     Batch norms anywhere else (after a ReLU, or wired in a custom ``forward``) are left as
     they are, because module order outside ``Sequential`` says nothing about data flow.
 
@@ -122,5 +141,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             prev, bn = seq._modules[prev_name], seq._modules[name]
             if _foldable(prev, bn):
                 _fold_pair(prev, bn)
-                seq._modules[name] = nn.Identity()
+                linear = isinstance(prev, nn.Linear)
+                seq._modules[name] = FoldedIntoLinear() if linear else nn.Identity()
     return folded

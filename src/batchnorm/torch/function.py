@@ -194,7 +194,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                 running_var.copy_(new_var)
         return y
     if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be given when not training")
+        # torch.nn.functional.batch_norm's error, so code written against it keeps working
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
     return _ops_ns.forward_inference(
         input, weight, bias, running_mean, running_var, float(eps), mode
     )

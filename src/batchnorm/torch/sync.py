@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._shapes import check_scalars
+from ._ops import check_layout
 from .function import batch_norm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -238,6 +240,10 @@ def sync_batch_norm(
     """
     if input.dim() < 2:
         raise ValueError(f"expected an input of rank 2 or more, got shape {tuple(input.shape)}")
+    # Every rank refuses bad arguments before the collective, so none is left waiting.
+    check_layout(input, "spatial", weight=weight, bias=bias, running_mean=running_mean,
+            running_var=running_var)
+    check_scalars(eps, momentum)
     world = _world_size(process_group)
     if not training or world == 1:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
