@@ -59,12 +59,16 @@ def test_other_subcommands_have_help(name):
 
 def test_demo_quick_trains_three_models_and_saves_the_plot(tmp_path):
     plot = tmp_path / "curves.png"
-    r = run_cli("demo", "--epochs", "1", "--quick", "--plot", str(plot), timeout=600)
+    csv_path = tmp_path / "losses.csv"
+    r = run_cli("demo", "--epochs", "1", "--quick", "--plot", str(plot), "--csv", str(csv_path),
+                timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("batchnorm.torch", "torch.nn BN", "no BN", "test accuracy"):
         assert name in r.stdout
     assert "agree within float32 tolerance" in r.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "step,batchnorm.torch,torch.nn BN,no BN" and len(rows) > 2
 
 
 def test_demo_refuses_bad_options():

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default="demo.png", metavar="PATH",
                         help="where to save the loss curves (PNG, default demo.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="also write the per-step training losses of the three models")
 
 
 def load_digits_split(seed: int, quick: bool):
@@ -177,6 +179,12 @@ def run(args) -> int:
     for ours, theirs in referee:
         console(f"  a step differed by more: against a float64 copy, our gradients are off by "
                 f"{ours:.1e}, torch.nn's by {theirs:.1e} (a kink decided differently)")
+    if args.csv:
+        with open(args.csv, "w") as fh:
+            fh.write("step," + ",".join(losses) + "\n")
+            for i, row in enumerate(zip(*losses.values(), strict=True)):
+                fh.write(f"{i + 1}," + ",".join(f"{v:.6g}" for v in row) + "\n")
+        console(f"wrote {steps} rows of losses to {args.csv}")
     if not args.no_plot:
         _plot(losses, args.plot, n // args.batch)
         console(f"loss curves saved to {args.plot}")
