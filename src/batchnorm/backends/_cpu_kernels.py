@@ -6,35 +6,51 @@ Two data orders, two kernel families:
   elements. Threads take whole channels; a channel's statistics are taken in one read and
   the channel is normalized right after, while its slice is still in this core's cache
   (the ``spatial_persistent`` algorithm; ``spatial`` is the same code).
-* ``*_rows`` (B == 1: channels-last and per-activation, a ``(rows, C)`` matrix with C
-  contiguous): threads take blocks of rows and keep per-thread partial sums of length C
-  (vectorized across channels), merged once; the apply pass then revisits the same rows on
-  the same thread, so a block that fits in cache is read from memory only once.
+* ``*_rows`` (channels-last and per-activation, a ``(rows, C)`` matrix with C contiguous):
+  threads take blocks of rows and keep per-thread partial sums of length C (vectorized
+  across channels), merged once; the apply pass then revisits the same rows on the same
+  thread, so its second read of x comes from that thread's cache when the block fits.
 
-Statistics are shifted sums in float64: with ``k`` a value of the channel,
-``var = E[(x-k)^2] - E[x-k]^2``, whose cancellation is bounded by ``((mu-k)/sigma)^2`` and
-absorbed by float64's 53 bits (a constant channel gives exactly 0). Outputs are formed in
-float64 as ``(x - mu) * scale + beta`` so a large mean does not cost float32 digits.
+Statistics are shifted sums in float64 of ``d = x - k`` (``k`` a value of the channel,
+subtracted in x's dtype: exact by Sterbenz's lemma when x is within a factor 2 of k, and
+otherwise rounded relative to d itself). ``var = E[d^2] - E[d]^2`` then loses at most
+``((mu-k)/sigma)^2`` of float64's 53 bits, and a constant channel gives exactly 0.
 
-``bad`` collects ``sum(y - y)`` per channel (of the stored y) when asked: 0 for finite
+The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
+the mean split in two: ``y = ((x - mu_hi) - mu_lo) * scale + shift`` where ``mu_hi`` is mu
+rounded to x's dtype and ``mu_lo`` the rest, so a large mean costs no output digits.
+The per-channel constants of those passes live in ``p`` (rows below, x's dtype).
+
+``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
+(Not ``y - y``: with reassociation allowed LLVM may rewrite ``acc + (y - y)`` as ``acc``;
+``y * 0`` folds to 0 only under no-NaN/no-Inf flags, which are never set here.)
+
+Every kernel exists twice: parallel (``prange`` over threads) and ``*_serial`` for small
+inputs, where starting the thread pool costs more than the work.
 """
 
 from __future__ import annotations
+
+import types
 
 import numba as nb
 import numpy as np
 from numba import prange
 
 # reassoc lets LLVM vectorize the reductions; no nnan/ninf: NaN and Inf must propagate.
-_OPTS = dict(parallel=True, cache=True, nogil=True, error_model="numpy",
-             fastmath={"reassoc", "contract", "nsz", "arcp"})
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
+
+# rows of the per-channel parameter array p (x's dtype)
+MU_HI, MU_LO, SCALE, SHIFT, K3 = 0, 1, 2, 3, 4
+# rows of the float64 statistics array st
+MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
 
-@nb.njit(cache=True, nogil=True)
-def _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, var, invstd,
-                  scale, shift):
-    """Mean, biased var and invstd of channel c from shifted sums; scale/shift of its apply."""
+@nb.njit(**_OPTS)
+def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
+    """Mean, biased var, invstd of channel c from shifted sums; its apply constants in p."""
     dm = s1 / m
     v = s2 / m - dm * dm
     if v < 0.0:  # rounding only; keeps NaN
@@ -42,63 +58,60 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, 
     mu = k + dm
     den = v + eps
     inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
-    g = np.float64(gamma[c]) if has_gamma else 1.0
-    mean[c] = mu
-    var[c] = v
-    invstd[c] = inv
-    scale[c] = g * inv
-    shift[c] = np.float64(beta[c]) if has_beta else 0.0
+    g = np.float64(gamma[c]) if gamma.size else 1.0
+    st[MEAN, c] = mu
+    st[VAR, c] = v
+    st[INVSTD, c] = inv
+    p[MU_HI, c] = mu
+    p[MU_LO, c] = mu - np.float64(p[MU_HI, c])
+    p[SCALE, c] = g * inv
+    p[SHIFT, c] = np.float64(beta[c]) if beta.size else 0.0
 
 
-@nb.njit(**_OPTS)
-def fwd_train_cmajor(x, gamma, beta, has_gamma, has_beta, eps, y, mean, var, invstd, bad,
-                     check):
+def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check):
     """Per channel: shifted sums, then y = (x - mu) * gamma * invstd + beta (slice in cache).
 
-    Args: x, y [A, C, B]; gamma, beta [C] (ignored unless has_*); mean, var, invstd, bad [C]
-    float64 outputs (var biased).
+    Args: x, y [A, C, B]; gamma, beta [C] float64 or empty (no affine); st [4, C] float64
+    out (mean, biased var, invstd, bad); p [5, C] scratch of x's dtype.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    scale = np.empty(nc)
-    shift = np.empty(nc)
     for c in prange(nc):
-        k = np.float64(x[0, c, 0])
+        k = x[0, c, 0]
         s1 = 0.0
         s2 = 0.0
         for a in range(na):
             for b in range(nb_):
-                d = np.float64(x[a, c, b]) - k
+                d = np.float64(x[a, c, b] - k)
                 s1 += d
                 s2 += d * d
-        _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, var,
-                      invstd, scale, shift)
-        mu = mean[c]
-        sc = scale[c]
-        sh = shift[c]
+        _finish_stats(s1, s2, np.float64(k), m, eps, gamma, beta, c, st, p)
+        mh = p[MU_HI, c]
+        ml = p[MU_LO, c]
+        sc = p[SCALE, c]
+        sh = p[SHIFT, c]
         acc = 0.0
-        for a in range(na):
-            for b in range(nb_):
-                y[a, c, b] = (np.float64(x[a, c, b]) - mu) * sc + sh
-                if check:  # the stored value: the cast to y's dtype may overflow
-                    w = y[a, c, b]
-                    acc += w - w
-        bad[c] = acc
+        if check:  # the stored value: the cast to y's dtype may overflow
+            for a in range(na):
+                for b in range(nb_):
+                    w = ((x[a, c, b] - mh) - ml) * sc + sh
+                    y[a, c, b] = w
+                    acc += y[a, c, b] * 0.0
+        else:
+            for a in range(na):
+                for b in range(nb_):
+                    y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
+        st[BAD, c] = acc
 
 
-@nb.njit(**_OPTS)
-def fwd_train_rows(x, gamma, beta, has_gamma, has_beta, eps, y, mean, var, invstd, bad,
-                   check, nt):
+def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
     """Rows version of :func:`fwd_train_cmajor` with nt row blocks (one per thread).
 
     Args: x, y [R, C]; the rest as there.
     """
     nr, nc = x.shape
-    k = np.empty(nc)
-    for c in range(nc):
-        k[c] = np.float64(x[0, c])
-    p1 = np.zeros((nt, nc))
-    p2 = np.zeros((nt, nc))
+    kx = x[0]  # the shifts: the first row
+    part = np.zeros((nt, 2, nc))
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
@@ -106,32 +119,33 @@ def fwd_train_rows(x, gamma, beta, has_gamma, has_beta, eps, y, mean, var, invst
         s2 = np.zeros(nc)
         for r in range(r0, r1):
             for c in range(nc):
-                d = np.float64(x[r, c]) - k[c]
+                d = np.float64(x[r, c] - kx[c])
                 s1[c] += d
                 s2[c] += d * d
-        p1[t, :] = s1
-        p2[t, :] = s2
-    scale = np.empty(nc)
-    shift = np.empty(nc)
+        part[t, 0, :] = s1
+        part[t, 1, :] = s2
     for c in range(nc):
         s1 = 0.0
         s2 = 0.0
         for t in range(nt):
-            s1 += p1[t, c]
-            s2 += p2[t, c]
-        _finish_stats(s1, s2, k[c], nr, eps, gamma, beta, has_gamma, has_beta, c, mean, var,
-                      invstd, scale, shift)
-    apply_rows(x, mean, scale, shift, y, bad, check, nt)
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        _finish_stats(s1, s2, np.float64(kx[c]), nr, eps, gamma, beta, c, st, p)
+    apply_rows(x, p, y, st, check, nt)
 
 
-@nb.njit(**_OPTS)
-def apply_rows(x, mu, scale, shift, y, bad, check, nt):
-    """y[r, c] = (x[r, c] - mu[c]) * scale[c] + shift[c], rows split into nt blocks.
+def apply_rows(x, p, y, st, check, nt):
+    """y[r, c] = ((x[r, c] - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c], nt row blocks.
 
-    Also the inference kernel for rows. Args: x, y [R, C]; mu, scale, shift, bad [C].
+    Also the inference kernel for rows. Args: x, y [R, C]; p [5, C] as filled by
+    :func:`_finish_stats`; st [4, C] (row BAD written when check).
     """
     nr, nc = x.shape
     acc = np.zeros((nt, nc))
+    mh = p[MU_HI]
+    ml = p[MU_LO]
+    sc = p[SCALE]
+    sh = p[SHIFT]
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
@@ -139,82 +153,98 @@ def apply_rows(x, mu, scale, shift, y, bad, check, nt):
             a = np.zeros(nc)
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = (np.float64(x[r, c]) - mu[c]) * scale[c] + shift[c]
-                    w = y[r, c]
-                    a[c] += w - w
+                    y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * sc[c] + sh[c]
+                    a[c] += y[r, c] * 0.0
             acc[t, :] = a
         else:
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = (np.float64(x[r, c]) - mu[c]) * scale[c] + shift[c]
+                    y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * sc[c] + sh[c]
     if check:
         for c in range(nc):
             s = 0.0
             for t in range(nt):
                 s += acc[t, c]
-            bad[c] = s
+            st[BAD, c] = s
 
 
-@nb.njit(**_OPTS)
-def affine_cmajor(x, mu, scale, shift, y):
-    """Inference: y = (x - mu[c]) * scale[c] + shift[c]. Args: x, y [A, C, B]; rest [C]."""
+def affine_cmajor(x, p, y):
+    """Inference: y = ((x - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c].
+
+    Args: x, y [A, C, B]; p [5, C] of x's dtype.
+    """
     na, nc, nb_ = x.shape
     # Parallel over (a, c) runs so that few channels still use every thread.
     for i in prange(na * nc):
         a = i // nc
         c = i - a * nc
-        m = mu[c]
-        sc = scale[c]
-        sh = shift[c]
+        mh = p[MU_HI, c]
+        ml = p[MU_LO, c]
+        sc = p[SCALE, c]
+        sh = p[SHIFT, c]
         for b in range(nb_):
-            y[a, c, b] = (np.float64(x[a, c, b]) - m) * sc + sh
+            y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
 
 
 @nb.njit(**_OPTS)
-def bwd_cmajor(dy, x, mean, invstd, gamma, has_gamma, training, dx, dgamma, dbeta):
+def _bwd_consts(sd, sdx, inv, gamma, m, training, c, dgb, p):
+    """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu) + k3 constants into p."""
+    dg = sdx * inv
+    dgb[0, c] = dg
+    dgb[1, c] = sd
+    k1 = (np.float64(gamma[c]) if gamma.size else 1.0) * inv
+    p[SCALE, c] = k1
+    p[SHIFT, c] = -k1 * inv * dg / m if training else 0.0
+    p[K3, c] = -k1 * sd / m if training else 0.0
+
+
+def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p):
     """Per channel: dbeta = sum dy, dgamma = sum dy*xhat, then dx, slice still in cache.
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
-    Args: dy, x, dx [A, C, B]; mean, invstd, gamma [C]; dgamma, dbeta [C] float64 outputs.
+    Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
+    dgb [2, C] float64 out (dgamma, dbeta); p [5, C] scratch of x's dtype.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
     for c in prange(nc):
-        mu = np.float64(mean[c])
-        inv = np.float64(invstd[c])
+        mu = mean[c]
+        p[MU_HI, c] = mu
+        mh = p[MU_HI, c]
+        ml = mu - np.float64(mh)
         sd = 0.0
         sdx = 0.0
         for a in range(na):
             for b in range(nb_):
                 g = np.float64(dy[a, c, b])
                 sd += g
-                sdx += g * (np.float64(x[a, c, b]) - mu)
-        dg = sdx * inv
-        dbeta[c] = sd
-        dgamma[c] = dg
-        k1 = (np.float64(gamma[c]) if has_gamma else 1.0) * inv
+                sdx += g * (np.float64(x[a, c, b] - mh) - ml)
+        _bwd_consts(sd, sdx, invstd[c], gamma, m, training, c, dgb, p)
+        p[MU_LO, c] = ml
+        mlx = p[MU_LO, c]
+        k1 = p[SCALE, c]
+        k2 = p[SHIFT, c]
+        k3 = p[K3, c]
         if training:
-            k2 = -k1 * inv * dg / m
-            k3 = -k1 * sd / m
             for a in range(na):
                 for b in range(nb_):
-                    dx[a, c, b] = (k1 * np.float64(dy[a, c, b])
-                                   + k2 * (np.float64(x[a, c, b]) - mu) + k3)
+                    dx[a, c, b] = k1 * dy[a, c, b] + k2 * ((x[a, c, b] - mh) - mlx) + k3
         else:
             for a in range(na):
                 for b in range(nb_):
-                    dx[a, c, b] = k1 * np.float64(dy[a, c, b])
+                    dx[a, c, b] = k1 * dy[a, c, b]
 
 
-@nb.njit(**_OPTS)
-def bwd_rows(dy, x, mean, invstd, gamma, has_gamma, training, dx, dgamma, dbeta, nt):
+def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
     """Rows version of :func:`bwd_cmajor` with nt row blocks. Args: dy, x, dx [R, C]."""
     nr, nc = x.shape
-    mu = np.empty(nc)
+    ml = np.empty(nc)
     for c in range(nc):
-        mu[c] = np.float64(mean[c])
-    p1 = np.zeros((nt, nc))
-    p2 = np.zeros((nt, nc))
+        p[MU_HI, c] = mean[c]
+        ml[c] = mean[c] - np.float64(p[MU_HI, c])
+        p[MU_LO, c] = ml[c]
+    mh = p[MU_HI]
+    part = np.zeros((nt, 2, nc))
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
@@ -224,34 +254,52 @@ def bwd_rows(dy, x, mean, invstd, gamma, has_gamma, training, dx, dgamma, dbeta,
             for c in range(nc):
                 g = np.float64(dy[r, c])
                 s1[c] += g
-                s2[c] += g * (np.float64(x[r, c]) - mu[c])
-        p1[t, :] = s1
-        p2[t, :] = s2
-    k1 = np.empty(nc)
-    k2 = np.empty(nc)
-    k3 = np.empty(nc)
+                s2[c] += g * (np.float64(x[r, c] - mh[c]) - ml[c])
+        part[t, 0, :] = s1
+        part[t, 1, :] = s2
     for c in range(nc):
         sd = 0.0
         sdx = 0.0
         for t in range(nt):
-            sd += p1[t, c]
-            sdx += p2[t, c]
-        inv = np.float64(invstd[c])
-        dg = sdx * inv
-        dbeta[c] = sd
-        dgamma[c] = dg
-        k1[c] = (np.float64(gamma[c]) if has_gamma else 1.0) * inv
-        k2[c] = -k1[c] * inv * dg / nr if training else 0.0
-        k3[c] = -k1[c] * sd / nr if training else 0.0
+            sd += part[t, 0, c]
+            sdx += part[t, 1, c]
+        _bwd_consts(sd, sdx, invstd[c], gamma, nr, training, c, dgb, p)
+    mlx = p[MU_LO]
+    k1 = p[SCALE]
+    k2 = p[SHIFT]
+    k3 = p[K3]
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
         if training:
             for r in range(r0, r1):
                 for c in range(nc):
-                    dx[r, c] = (k1[c] * np.float64(dy[r, c])
-                                + k2[c] * (np.float64(x[r, c]) - mu[c]) + k3[c])
+                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * ((x[r, c] - mh[c]) - mlx[c]) + k3[c]
         else:
             for r in range(r0, r1):
                 for c in range(nc):
-                    dx[r, c] = k1[c] * np.float64(dy[r, c])
+                    dx[r, c] = k1[c] * dy[r, c]
+
+
+def _compile(fn, parallel: bool, extra: dict):
+    # A distinct qualname per variant keeps the two in separate on-disk cache entries;
+    # ``extra`` rebinds the kernels a kernel calls to the same variant.
+    name = fn.__name__ + ("" if parallel else "_serial")
+    clone = types.FunctionType(fn.__code__, dict(fn.__globals__, **extra), name,
+                               fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = name
+    clone.__doc__ = fn.__doc__
+    clone.__module__ = fn.__module__
+    return nb.njit(parallel=parallel, **_OPTS)(clone)
+
+
+def _family(parallel: bool) -> types.SimpleNamespace:
+    ns = types.SimpleNamespace(apply_rows=_compile(apply_rows, parallel, {}))
+    for f in (fwd_train_cmajor, affine_cmajor, bwd_cmajor, bwd_rows):
+        setattr(ns, f.__name__, _compile(f, parallel, {}))
+    ns.fwd_train_rows = _compile(fwd_train_rows, parallel, {"apply_rows": ns.apply_rows})
+    return ns
+
+
+PARALLEL = _family(True)
+SERIAL = _family(False)
