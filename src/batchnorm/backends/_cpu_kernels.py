@@ -68,40 +68,51 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
     p[SHIFT, c] = np.float64(beta[c]) if beta.size else 0.0
 
 
-def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check):
-    """Per channel: shifted sums, then y = (x - mu) * gamma * invstd + beta (slice in cache).
+def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, cb):
+    """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
+    The block's slice stays in cache between the two passes; for each a its channels' runs
+    are one contiguous segment, so short runs (small H*W) still stream.
     Args: x, y [A, C, B]; gamma, beta [C] float64 or empty (no affine); st [4, C] float64
-    out (mean, biased var, invstd, bad); p [5, C] scratch of x's dtype.
+    out (mean, biased var, invstd, bad); p [5, C] scratch of x's dtype; cb channels a block.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    for c in prange(nc):
-        k = x[0, c, 0]
-        s1 = 0.0
-        s2 = 0.0
+    for blk in prange((nc + cb - 1) // cb):
+        c0 = blk * cb
+        c1 = min(nc, c0 + cb)
+        s1 = np.zeros(c1 - c0)
+        s2 = np.zeros(c1 - c0)
         for a in range(na):
-            for b in range(nb_):
-                d = np.float64(x[a, c, b] - k)
-                s1 += d
-                s2 += d * d
-        _finish_stats(s1, s2, np.float64(k), m, eps, gamma, beta, c, st, p)
-        mh = p[MU_HI, c]
-        ml = p[MU_LO, c]
-        sc = p[SCALE, c]
-        sh = p[SHIFT, c]
-        acc = 0.0
-        if check:  # the stored value: the cast to y's dtype may overflow
-            for a in range(na):
+            for c in range(c0, c1):
+                k = x[0, c, 0]
+                t1 = 0.0
+                t2 = 0.0
                 for b in range(nb_):
-                    w = ((x[a, c, b] - mh) - ml) * sc + sh
-                    y[a, c, b] = w
-                    acc += y[a, c, b] * 0.0
-        else:
-            for a in range(na):
-                for b in range(nb_):
-                    y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
-        st[BAD, c] = acc
+                    d = np.float64(x[a, c, b] - k)
+                    t1 += d
+                    t2 += d * d
+                s1[c - c0] += t1
+                s2[c - c0] += t2
+        for c in range(c0, c1):
+            _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, gamma, beta,
+                          c, st, p)
+            st[BAD, c] = 0.0
+        for a in range(na):
+            for c in range(c0, c1):
+                mh = p[MU_HI, c]
+                ml = p[MU_LO, c]
+                sc = p[SCALE, c]
+                sh = p[SHIFT, c]
+                if check:  # the stored value: the cast to y's dtype may overflow
+                    acc = 0.0
+                    for b in range(nb_):
+                        y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
+                        acc += y[a, c, b] * 0.0
+                    st[BAD, c] += acc
+                else:
+                    for b in range(nb_):
+                        y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
 
 
 def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
@@ -198,41 +209,51 @@ def _bwd_consts(sd, sdx, inv, gamma, m, training, c, dgb, p):
     p[K3, c] = -k1 * sd / m if training else 0.0
 
 
-def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p):
-    """Per channel: dbeta = sum dy, dgamma = sum dy*xhat, then dx, slice still in cache.
+def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, cb):
+    """Per block of cb channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
     Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
-    dgb [2, C] float64 out (dgamma, dbeta); p [5, C] scratch of x's dtype.
+    dgb [2, C] float64 out (dgamma, dbeta); p [5, C] scratch of x's dtype; cb as in
+    :func:`fwd_train_cmajor`.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    for c in prange(nc):
-        mu = mean[c]
-        p[MU_HI, c] = mu
-        mh = p[MU_HI, c]
-        ml = mu - np.float64(mh)
-        sd = 0.0
-        sdx = 0.0
+    for blk in prange((nc + cb - 1) // cb):
+        c0 = blk * cb
+        c1 = min(nc, c0 + cb)
+        s1 = np.zeros(c1 - c0)
+        s2 = np.zeros(c1 - c0)
+        for c in range(c0, c1):
+            p[MU_HI, c] = mean[c]
+            p[MU_LO, c] = mean[c] - np.float64(p[MU_HI, c])
         for a in range(na):
-            for b in range(nb_):
-                g = np.float64(dy[a, c, b])
-                sd += g
-                sdx += g * (np.float64(x[a, c, b] - mh) - ml)
-        _bwd_consts(sd, sdx, invstd[c], gamma, m, training, c, dgb, p)
-        p[MU_LO, c] = ml
-        mlx = p[MU_LO, c]
-        k1 = p[SCALE, c]
-        k2 = p[SHIFT, c]
-        k3 = p[K3, c]
-        if training:
-            for a in range(na):
+            for c in range(c0, c1):
+                mh = p[MU_HI, c]
+                ml = mean[c] - np.float64(mh)
+                t1 = 0.0
+                t2 = 0.0
                 for b in range(nb_):
-                    dx[a, c, b] = k1 * dy[a, c, b] + k2 * ((x[a, c, b] - mh) - mlx) + k3
-        else:
-            for a in range(na):
-                for b in range(nb_):
-                    dx[a, c, b] = k1 * dy[a, c, b]
+                    g = np.float64(dy[a, c, b])
+                    t1 += g
+                    t2 += g * (np.float64(x[a, c, b] - mh) - ml)
+                s1[c - c0] += t1
+                s2[c - c0] += t2
+        for c in range(c0, c1):
+            _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training, c, dgb, p)
+        for a in range(na):
+            for c in range(c0, c1):
+                k1 = p[SCALE, c]
+                if training:
+                    mh = p[MU_HI, c]
+                    ml = p[MU_LO, c]
+                    k2 = p[SHIFT, c]
+                    k3 = p[K3, c]
+                    for b in range(nb_):
+                        dx[a, c, b] = k1 * dy[a, c, b] + k2 * ((x[a, c, b] - mh) - ml) + k3
+                else:
+                    for b in range(nb_):
+                        dx[a, c, b] = k1 * dy[a, c, b]
 
 
 def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):

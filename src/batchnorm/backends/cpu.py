@@ -106,6 +106,17 @@ def _family(x3: np.ndarray):
 _SERIAL_BELOW = 1 << 15
 
 
+_BLOCK_BYTES = 1 << 18  # what one channel block may hold of the arrays it reads (L2 share)
+
+
+def _channel_block(x3: np.ndarray, arrays: int, nt: int) -> int:
+    """Channels per block of the cmajor kernels: as many as fit the cache budget, but
+    enough blocks (4 per thread) to balance the threads."""
+    na, nc, nb_ = x3.shape
+    fit = _BLOCK_BYTES // max(1, na * nb_ * x3.itemsize * arrays)
+    return int(max(1, min(fit, nc // (4 * nt))))
+
+
 def _blocks(rows: int, nt: int) -> int:
     return max(1, min(nt, rows))
 
@@ -150,7 +161,8 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     if yr is not None:
         fam.fwd_train_rows(xr, g, b, float(eps), yr, st, p, check, _blocks(xr.shape[0], nt))
     else:
-        fam.fwd_train_cmajor(x3, g, b, float(eps), dst.view, st, p, check)
+        fam.fwd_train_cmajor(x3, g, b, float(eps), dst.view, st, p, check,
+                             _channel_block(x3, 1, nt))
     y = dst.finish()
 
     mean, var, invstd, acc = st
@@ -231,7 +243,7 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     if dxr is not None:
         fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, _blocks(xr.shape[0], nt))
     else:
-        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p)
+        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, _channel_block(x3, 2, nt))
     dx = dst.finish()
     dg = None if gamma is None else dgb[0].astype(sdt).reshape(pshape)
     return dx, dg, dgb[1].astype(sdt).reshape(pshape)
