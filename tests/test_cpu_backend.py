@@ -391,3 +391,18 @@ def test_four_threads_at_once(family, monkeypatch):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_stats_strided_and_dtypes(dtype):
+    # running statistics that cannot be viewed as 1-d (every other element) and float64 ones
+    x = data((6, 3, 5), np.float32)
+    got = {}
+    for b in ("cpu", "reference"):
+        rm = np.full(6, 0.5, dtype)[::2]
+        rv = np.full(3, 2.0, dtype)
+        bn.forward_training(x, None, None, running_mean=rm, running_var=rv, momentum=0.3,
+                            backend=b)
+        got[b] = (rm, rv)
+    close(got["cpu"][0], got["reference"][0], np.float32, "running_mean")
+    close(got["cpu"][1], got["reference"][1], np.float32, "running_var")

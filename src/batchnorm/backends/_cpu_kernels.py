@@ -42,8 +42,11 @@ from numba import prange
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 
-# rows of the per-channel parameter array p (x's dtype)
-MU_HI, MU_LO, SCALE, SHIFT, K3 = 0, 1, 2, 3, 4
+# rows of the per-channel parameter array p (x's dtype); INV doubles as the saved invstd
+MU_HI, MU_LO, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
+NP = 6
+# what one channel block of the cmajor kernels may hold of the arrays it reads (L2 share)
+BLOCK_BYTES = 1 << 18
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
@@ -62,22 +65,32 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
     st[MEAN, c] = mu
     st[VAR, c] = v
     st[INVSTD, c] = inv
+    p[INV, c] = inv
     p[MU_HI, c] = mu
     p[MU_LO, c] = mu - np.float64(p[MU_HI, c])
     p[SCALE, c] = g * inv
     p[SHIFT, c] = np.float64(beta[c]) if beta.size else 0.0
 
 
-def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, cb):
+@nb.njit(**_OPTS)
+def _channel_block(na, nc, nb_, nbytes, nt):
+    """Channels per cmajor block: as many as fit BLOCK_BYTES (nbytes per element read), but
+    enough blocks (4 per thread) to balance the threads."""
+    fit = BLOCK_BYTES // max(1, na * nb_ * nbytes)
+    return max(1, min(fit, nc // (4 * nt)))
+
+
+def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, nt):
     """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
     The block's slice stays in cache between the two passes; for each a its channels' runs
     are one contiguous segment, so short runs (small H*W) still stream.
     Args: x, y [A, C, B]; gamma, beta [C] float64 or empty (no affine); st [4, C] float64
-    out (mean, biased var, invstd, bad); p [5, C] scratch of x's dtype; cb channels a block.
+    out (mean, biased var, invstd, bad); p [NP, C] scratch of x's dtype; nt threads.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
+    cb = _channel_block(na, nc, nb_, x.itemsize, nt)
     for blk in prange((nc + cb - 1) // cb):
         c0 = blk * cb
         c1 = min(nc, c0 + cb)
@@ -116,11 +129,12 @@ def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, cb):
 
 
 def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
-    """Rows version of :func:`fwd_train_cmajor` with nt row blocks (one per thread).
+    """Rows version of :func:`fwd_train_cmajor`: one block of rows per thread.
 
     Args: x, y [R, C]; the rest as there.
     """
     nr, nc = x.shape
+    nt = max(1, min(nt, nr))
     kx = x[0]  # the shifts: the first row
     part = np.zeros((nt, 2, nc))
     for t in prange(nt):
@@ -146,12 +160,13 @@ def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
 
 
 def apply_rows(x, p, y, st, check, nt):
-    """y[r, c] = ((x[r, c] - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c], nt row blocks.
+    """y[r, c] = ((x[r, c] - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c], a row block a thread.
 
-    Also the inference kernel for rows. Args: x, y [R, C]; p [5, C] as filled by
+    Also the inference kernel for rows. Args: x, y [R, C]; p [NP, C] as filled by
     :func:`_finish_stats`; st [4, C] (row BAD written when check).
     """
     nr, nc = x.shape
+    nt = max(1, min(nt, nr))
     acc = np.zeros((nt, nc))
     mh = p[MU_HI]
     ml = p[MU_LO]
@@ -182,7 +197,7 @@ def apply_rows(x, p, y, st, check, nt):
 def affine_cmajor(x, p, y):
     """Inference: y = ((x - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c].
 
-    Args: x, y [A, C, B]; p [5, C] of x's dtype.
+    Args: x, y [A, C, B]; p [NP, C] of x's dtype.
     """
     na, nc, nb_ = x.shape
     # Parallel over (a, c) runs so that few channels still use every thread.
@@ -209,16 +224,16 @@ def _bwd_consts(sd, sdx, inv, gamma, m, training, c, dgb, p):
     p[K3, c] = -k1 * sd / m if training else 0.0
 
 
-def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, cb):
+def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
     """Per block of cb channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
     Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
-    dgb [2, C] float64 out (dgamma, dbeta); p [5, C] scratch of x's dtype; cb as in
-    :func:`fwd_train_cmajor`.
+    dgb [2, C] float64 out (dgamma, dbeta); p [NP, C] scratch of x's dtype; nt threads.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
+    cb = _channel_block(na, nc, nb_, 2 * x.itemsize, nt)
     for blk in prange((nc + cb - 1) // cb):
         c0 = blk * cb
         c1 = min(nc, c0 + cb)
@@ -257,8 +272,9 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, cb):
 
 
 def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
-    """Rows version of :func:`bwd_cmajor` with nt row blocks. Args: dy, x, dx [R, C]."""
+    """Rows version of :func:`bwd_cmajor`, a row block a thread. Args: dy, x, dx [R, C]."""
     nr, nc = x.shape
+    nt = max(1, min(nt, nr))
     ml = np.empty(nc)
     for c in range(nc):
         p[MU_HI, c] = mean[c]
@@ -300,6 +316,18 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
             for r in range(r0, r1):
                 for c in range(nc):
                     dx[r, c] = k1[c] * dy[r, c]
+
+
+@nb.njit(**_OPTS)
+def update_running(rm, rv, st, momentum, unbias):
+    """running = (1 - momentum) * running + momentum * batch, in place (var unbiased).
+
+    Args: rm, rv [C] (any float dtype; empty to skip); st [4, C] as filled by the forward.
+    """
+    for c in range(rm.size):
+        rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * st[MEAN, c]
+    for c in range(rv.size):
+        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (st[VAR, c] * unbias)
 
 
 def _compile(fn, parallel: bool, extra: dict):

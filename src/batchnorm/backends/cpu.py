@@ -97,35 +97,57 @@ def _rows(a3: np.ndarray):
 
 
 def _family(x3: np.ndarray):
-    # Below this size starting the thread pool costs more than the work itself.
-    if x3.size < _SERIAL_BELOW or numba.get_num_threads() == 1:
+    """(kernels, threads): serial below _SERIAL_BELOW elements, where starting the thread
+    pool costs more than the work itself; else parallel on Numba's thread count."""
+    if x3.size < _SERIAL_BELOW:
         return K.SERIAL, 1
-    return K.PARALLEL, numba.get_num_threads()
+    return K.PARALLEL, _num_threads()
+
+
+def _num_threads() -> int:
+    # numba.get_num_threads() costs ~1.5 us a call (a third of it launching checks); once the
+    # pool is up, its unchecked reader costs ~0.2 us. Both are per calling thread.
+    global _num_threads
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads as raw
+    except ImportError:  # pragma: no cover - a Numba without it
+        raw = None
+    n = numba.get_num_threads()  # launches the pool
+    if raw is not None and raw() == n:
+        def fast() -> int:
+            n = raw()
+            return n if n > 0 else numba.get_num_threads()
+        _num_threads = fast
+    else:  # pragma: no cover
+        _num_threads = numba.get_num_threads
+    return n
 
 
 _SERIAL_BELOW = 1 << 15
 
 
-_BLOCK_BYTES = 1 << 18  # what one channel block may hold of the arrays it reads (L2 share)
+def _flat_view(running, n: int):
+    """running as a writable 1-d view, _EMPTY for None, or None when no view exists."""
+    if running is None:
+        return _EMPTY
+    flat = running.reshape(n)
+    return flat if np.may_share_memory(flat, running) else None
 
 
-def _channel_block(x3: np.ndarray, arrays: int, nt: int) -> int:
-    """Channels per block of the cmajor kernels: as many as fit the cache budget, but
-    enough blocks (4 per thread) to balance the threads."""
-    na, nc, nb_ = x3.shape
-    fit = _BLOCK_BYTES // max(1, na * nb_ * x3.itemsize * arrays)
-    return int(max(1, min(fit, nc // (4 * nt))))
-
-
-def _blocks(rows: int, nt: int) -> int:
-    return max(1, min(nt, rows))
-
-
-def _update_running(running, momentum: float, batch: np.ndarray) -> None:
-    # running = (1 - m) * running + m * batch, in place (the caller handed it in for this)
-    if running is not None:
-        running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch.reshape(
-            running.shape)
+def _update_running(rm, rv, momentum: float, st: np.ndarray, m: int) -> None:
+    """The running statistics, in place (the caller handed them in for this)."""
+    if rm is None and rv is None:
+        return
+    nc = st.shape[1]
+    fm, fv = _flat_view(rm, nc), _flat_view(rv, nc)
+    unbias = m / (m - 1)
+    if fm is not None and fv is not None:
+        K.update_running(fm, fv, st, float(momentum), unbias)
+        return
+    for run, batch in ((rm, st[0]), (rv, st[1] * unbias)):  # odd strides: NumPy
+        if run is not None:
+            run[...] = ((1.0 - momentum) * run.astype(np.float64)
+                        + momentum * batch.reshape(run.shape))
 
 
 def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, running_mean=None,
@@ -152,29 +174,28 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     x3 = _compute_view(x, layout)
     dst = _Output(x, out, layout)
     st = np.empty((4, nc))
-    p = np.empty((5, nc), dtype=x3.dtype)
+    p = np.empty((K.NP, nc), dtype=x3.dtype)
     fam, nt = _family(x3)
     check = bool(check_finite)
     g, b = _f64(gamma, nc), _f64(beta, nc)
     xr = _rows(x3)
     yr = None if xr is None else _rows(dst.view)
     if yr is not None:
-        fam.fwd_train_rows(xr, g, b, float(eps), yr, st, p, check, _blocks(xr.shape[0], nt))
+        fam.fwd_train_rows(xr, g, b, float(eps), yr, st, p, check, nt)
     else:
-        fam.fwd_train_cmajor(x3, g, b, float(eps), dst.view, st, p, check,
-                             _channel_block(x3, 1, nt))
+        fam.fwd_train_cmajor(x3, g, b, float(eps), dst.view, st, p, check, nt)
     y = dst.finish()
 
-    mean, var, invstd, acc = st
-    m = layout.count
-    _update_running(running_mean, momentum, mean)
-    _update_running(running_var, momentum, var * (m / (m - 1)))  # unbiased for the average
+    _update_running(running_mean, running_var, momentum, st, layout.count)
+    mean, _, invstd, acc = st
     bad = None
     if check_finite:
         bad = ~(np.isfinite(mean) & np.isfinite(invstd)) | (acc != 0.0)
         if x.dtype == np.float16:  # the float32 -> float16 cast may overflow on its own
             bad |= ~np.isfinite(as_3d(y, layout)).all(axis=(0, 2))
         bad = bad.reshape(pshape)
+    if p.dtype == sdt:  # the kernel stored both rounded to x's dtype already
+        return y, p[K.MU_HI].reshape(pshape), p[K.INV].reshape(pshape), bad
     return y, mean.astype(sdt).reshape(pshape), invstd.astype(sdt).reshape(pshape), bad
 
 
@@ -194,7 +215,7 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     den = _f64(var, nc) + eps
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(den == 0.0, 0.0, 1.0 / np.sqrt(den))
-    p = np.zeros((5, nc), dtype=dt)
+    p = np.zeros((K.NP, nc), dtype=dt)
     p[0] = mu
     p[1] = mu - p[0]
     p[2] = inv if gamma is None else _f64(gamma, nc) * inv
@@ -205,7 +226,7 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     xr = _rows(x3)
     yr = None if xr is None else _rows(dst.view)
     if yr is not None:
-        fam.apply_rows(xr, p, yr, _ST0, False, _blocks(xr.shape[0], nt))
+        fam.apply_rows(xr, p, yr, _ST0, False, nt)
     else:
         fam.affine_cmajor(x3, p, dst.view)
     return dst.finish()
@@ -234,16 +255,16 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     dy3 = _compute_view(dy, layout)
     dst = _Output(x, out, layout)
     dgb = np.empty((2, nc))
-    p = np.empty((5, nc), dtype=x3.dtype)
+    p = np.empty((K.NP, nc), dtype=x3.dtype)
     fam, nt = _family(x3)
     args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), bool(training))
     xr = _rows(x3)
     dyr = None if xr is None else _rows(dy3)
     dxr = None if dyr is None else _rows(dst.view)
     if dxr is not None:
-        fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, _blocks(xr.shape[0], nt))
+        fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, nt)
     else:
-        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, _channel_block(x3, 2, nt))
+        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, nt)
     dx = dst.finish()
     dg = None if gamma is None else dgb[0].astype(sdt).reshape(pshape)
     return dx, dg, dgb[1].astype(sdt).reshape(pshape)
