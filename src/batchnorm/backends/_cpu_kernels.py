@@ -52,8 +52,11 @@ MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
 
 @nb.njit(**_OPTS)
-def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
-    """Mean, biased var, invstd of channel c from shifted sums; its apply constants in p."""
+def _finish_stats(s1, s2, k, m, eps, c, st, p):
+    """Mean, biased var, invstd of channel c from shifted sums; its apply constants in p.
+
+    On entry p[SCALE, c] and p[SHIFT, c] hold gamma and beta (1 and 0 without affine).
+    """
     dm = s1 / m
     v = s2 / m - dm * dm
     if v < 0.0:  # rounding only; keeps NaN
@@ -61,7 +64,7 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
     mu = k + dm
     den = v + eps
     inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
-    g = np.float64(gamma[c]) if gamma.size else 1.0
+    g = np.float64(p[SCALE, c])
     st[MEAN, c] = mu
     st[VAR, c] = v
     st[INVSTD, c] = inv
@@ -69,7 +72,6 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, c, st, p):
     p[MU_HI, c] = mu
     p[MU_LO, c] = mu - np.float64(p[MU_HI, c])
     p[SCALE, c] = g * inv
-    p[SHIFT, c] = np.float64(beta[c]) if beta.size else 0.0
 
 
 @nb.njit(**_OPTS)
@@ -80,13 +82,13 @@ def _channel_block(na, nc, nb_, nbytes, nt):
     return max(1, min(fit, nc // (4 * nt)))
 
 
-def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, nt):
+def fwd_train_cmajor(x, eps, y, st, p, check, nt):
     """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
     The block's slice stays in cache between the two passes; for each a its channels' runs
     are one contiguous segment, so short runs (small H*W) still stream.
-    Args: x, y [A, C, B]; gamma, beta [C] float64 or empty (no affine); st [4, C] float64
-    out (mean, biased var, invstd, bad); p [NP, C] scratch of x's dtype; nt threads.
+    Args: x, y [A, C, B]; st [4, C] float64 out (mean, biased var, invstd, bad); p [NP, C]
+    of x's dtype, rows SCALE and SHIFT holding gamma and beta on entry; nt threads.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
@@ -108,8 +110,7 @@ def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, nt):
                 s1[c - c0] += t1
                 s2[c - c0] += t2
         for c in range(c0, c1):
-            _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, gamma, beta,
-                          c, st, p)
+            _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, c, st, p)
             st[BAD, c] = 0.0
         for a in range(na):
             for c in range(c0, c1):
@@ -128,7 +129,7 @@ def fwd_train_cmajor(x, gamma, beta, eps, y, st, p, check, nt):
                         y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
 
 
-def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
+def fwd_train_rows(x, eps, y, st, p, check, nt):
     """Rows version of :func:`fwd_train_cmajor`: one block of rows per thread.
 
     Args: x, y [R, C]; the rest as there.
@@ -155,7 +156,7 @@ def fwd_train_rows(x, gamma, beta, eps, y, st, p, check, nt):
         for t in range(nt):
             s1 += part[t, 0, c]
             s2 += part[t, 1, c]
-        _finish_stats(s1, s2, np.float64(kx[c]), nr, eps, gamma, beta, c, st, p)
+        _finish_stats(s1, s2, np.float64(kx[c]), nr, eps, c, st, p)
     apply_rows(x, p, y, st, check, nt)
 
 

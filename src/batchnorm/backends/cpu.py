@@ -52,6 +52,8 @@ def _compute_view(arr: np.ndarray, layout: Layout) -> np.ndarray:
     """The 3-d view the kernels read; float16 goes through a float32 copy (same strides)."""
     if arr.dtype == np.float16:
         arr = arr.astype(np.float32)
+    if arr.flags.c_contiguous and layout.kept_adjacent:  # the common case, always a view
+        return arr.reshape(layout.dims3)
     return as_3d(arr, layout)
 
 
@@ -68,6 +70,8 @@ class _Output:
         if x.dtype == np.float16:
             self.view = as_3d(np.empty_like(x, dtype=np.float32), layout)
             self.direct = False
+        elif self.result.flags.c_contiguous and layout.kept_adjacent:
+            self.view, self.direct = self.result.reshape(layout.dims3), True
         else:
             view = as_3d(self.result, layout)
             # a reshape that had to copy gives fresh memory: write there, copy back after
@@ -175,15 +179,16 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     dst = _Output(x, out, layout)
     st = np.empty((4, nc))
     p = np.empty((K.NP, nc), dtype=x3.dtype)
+    p[K.SCALE] = 1.0 if gamma is None else gamma.reshape(nc)
+    p[K.SHIFT] = 0.0 if beta is None else beta.reshape(nc)
     fam, nt = _family(x3)
     check = bool(check_finite)
-    g, b = _f64(gamma, nc), _f64(beta, nc)
     xr = _rows(x3)
     yr = None if xr is None else _rows(dst.view)
     if yr is not None:
-        fam.fwd_train_rows(xr, g, b, float(eps), yr, st, p, check, nt)
+        fam.fwd_train_rows(xr, float(eps), yr, st, p, check, nt)
     else:
-        fam.fwd_train_cmajor(x3, g, b, float(eps), dst.view, st, p, check, nt)
+        fam.fwd_train_cmajor(x3, float(eps), dst.view, st, p, check, nt)
     y = dst.finish()
 
     _update_running(running_mean, running_var, momentum, st, layout.count)
