@@ -17,8 +17,10 @@ otherwise rounded relative to d itself). ``var = E[d^2] - E[d]^2`` then loses at
 ``((mu-k)/sigma)^2`` of float64's 53 bits, and a constant channel gives exactly 0.
 
 The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
-the mean split in two: ``y = ((x - mu_hi) - mu_lo) * scale + shift`` where ``mu_hi`` is mu
-rounded to x's dtype and ``mu_lo`` the rest, so a large mean costs no output digits.
+the mean split in two: ``y = (x - mu_hi) * scale + (beta - mu_lo * scale)`` where ``mu_hi``
+is mu rounded to x's dtype (``x - mu_hi`` is exact near the mean, by Sterbenz) and ``mu_lo``
+the rest, folded into the shift in float64: a large mean costs no output digits, and the
+pass streams only three per-channel constants.
 The per-channel constants of those passes live in ``p`` (rows below, x's dtype).
 
 ``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
@@ -70,8 +72,11 @@ def _finish_stats(s1, s2, k, m, eps, c, st, p):
     st[INVSTD, c] = inv
     p[INV, c] = inv
     p[MU_HI, c] = mu
-    p[MU_LO, c] = mu - np.float64(p[MU_HI, c])
+    ml = mu - np.float64(p[MU_HI, c])
+    p[MU_LO, c] = ml
     p[SCALE, c] = g * inv
+    # ((x - mu_hi) - mu_lo) * scale + beta == (x - mu_hi) * scale + (beta - mu_lo * scale)
+    p[SHIFT, c] = np.float64(p[SHIFT, c]) - ml * np.float64(p[SCALE, c])
 
 
 @nb.njit(**_OPTS)
@@ -115,18 +120,17 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt):
         for a in range(na):
             for c in range(c0, c1):
                 mh = p[MU_HI, c]
-                ml = p[MU_LO, c]
                 sc = p[SCALE, c]
                 sh = p[SHIFT, c]
                 if check:  # the stored value: the cast to y's dtype may overflow
                     acc = 0.0
                     for b in range(nb_):
-                        y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
+                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
                         acc += y[a, c, b] * 0.0
                     st[BAD, c] += acc
                 else:
                     for b in range(nb_):
-                        y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
+                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
 
 
 def fwd_train_rows(x, eps, y, st, p, check, nt):
@@ -161,7 +165,7 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
 
 
 def apply_rows(x, p, y, st, check, nt):
-    """y[r, c] = ((x[r, c] - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c], a row block a thread.
+    """y[r, c] = (x[r, c] - mu_hi[c]) * scale[c] + shift[c], a row block a thread.
 
     Also the inference kernel for rows. Args: x, y [R, C]; p [NP, C] as filled by
     :func:`_finish_stats`; st [4, C] (row BAD written when check).
@@ -170,7 +174,6 @@ def apply_rows(x, p, y, st, check, nt):
     nt = max(1, min(nt, nr))
     acc = np.zeros((nt, nc))
     mh = p[MU_HI]
-    ml = p[MU_LO]
     sc = p[SCALE]
     sh = p[SHIFT]
     for t in prange(nt):
@@ -180,13 +183,13 @@ def apply_rows(x, p, y, st, check, nt):
             a = np.zeros(nc)
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * sc[c] + sh[c]
+                    y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
                     a[c] += y[r, c] * 0.0
             acc[t, :] = a
         else:
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * sc[c] + sh[c]
+                    y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
     if check:
         for c in range(nc):
             s = 0.0
@@ -196,7 +199,7 @@ def apply_rows(x, p, y, st, check, nt):
 
 
 def affine_cmajor(x, p, y):
-    """Inference: y = ((x - mu_hi[c]) - mu_lo[c]) * scale[c] + shift[c].
+    """Inference: y = (x - mu_hi[c]) * scale[c] + shift[c] (mu_lo folded into shift).
 
     Args: x, y [A, C, B]; p [NP, C] of x's dtype.
     """
@@ -206,23 +209,26 @@ def affine_cmajor(x, p, y):
         a = i // nc
         c = i - a * nc
         mh = p[MU_HI, c]
-        ml = p[MU_LO, c]
         sc = p[SCALE, c]
         sh = p[SHIFT, c]
         for b in range(nb_):
-            y[a, c, b] = ((x[a, c, b] - mh) - ml) * sc + sh
+            y[a, c, b] = (x[a, c, b] - mh) * sc + sh
 
 
 @nb.njit(**_OPTS)
-def _bwd_consts(sd, sdx, inv, gamma, m, training, c, dgb, p):
-    """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu) + k3 constants into p."""
+def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
+    """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu_hi) + k3 constants into p.
+
+    k3 absorbs -k2 * mu_lo (ml), as the forward's shift does.
+    """
     dg = sdx * inv
     dgb[0, c] = dg
     dgb[1, c] = sd
     k1 = (np.float64(gamma[c]) if gamma.size else 1.0) * inv
     p[SCALE, c] = k1
     p[SHIFT, c] = -k1 * inv * dg / m if training else 0.0
-    p[K3, c] = -k1 * sd / m if training else 0.0
+    k3 = -k1 * sd / m if training else 0.0
+    p[K3, c] = k3 - np.float64(p[SHIFT, c]) * ml
 
 
 def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
@@ -242,7 +248,6 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         s2 = np.zeros(c1 - c0)
         for c in range(c0, c1):
             p[MU_HI, c] = mean[c]
-            p[MU_LO, c] = mean[c] - np.float64(p[MU_HI, c])
         for a in range(na):
             for c in range(c0, c1):
                 mh = p[MU_HI, c]
@@ -256,17 +261,17 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
                 s1[c - c0] += t1
                 s2[c - c0] += t2
         for c in range(c0, c1):
-            _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training, c, dgb, p)
+            _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
+                        mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)
         for a in range(na):
             for c in range(c0, c1):
                 k1 = p[SCALE, c]
                 if training:
                     mh = p[MU_HI, c]
-                    ml = p[MU_LO, c]
                     k2 = p[SHIFT, c]
                     k3 = p[K3, c]
                     for b in range(nb_):
-                        dx[a, c, b] = k1 * dy[a, c, b] + k2 * ((x[a, c, b] - mh) - ml) + k3
+                        dx[a, c, b] = k1 * dy[a, c, b] + k2 * (x[a, c, b] - mh) + k3
                 else:
                     for b in range(nb_):
                         dx[a, c, b] = k1 * dy[a, c, b]
@@ -280,7 +285,6 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
     for c in range(nc):
         p[MU_HI, c] = mean[c]
         ml[c] = mean[c] - np.float64(p[MU_HI, c])
-        p[MU_LO, c] = ml[c]
     mh = p[MU_HI]
     part = np.zeros((nt, 2, nc))
     for t in prange(nt):
@@ -301,8 +305,7 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         for t in range(nt):
             sd += part[t, 0, c]
             sdx += part[t, 1, c]
-        _bwd_consts(sd, sdx, invstd[c], gamma, nr, training, c, dgb, p)
-    mlx = p[MU_LO]
+        _bwd_consts(sd, sdx, invstd[c], gamma, nr, training, ml[c], c, dgb, p)
     k1 = p[SCALE]
     k2 = p[SHIFT]
     k3 = p[K3]
@@ -312,7 +315,7 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         if training:
             for r in range(r0, r1):
                 for c in range(nc):
-                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * ((x[r, c] - mh[c]) - mlx[c]) + k3[c]
+                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * (x[r, c] - mh[c]) + k3[c]
         else:
             for r in range(r0, r1):
                 for c in range(nc):

@@ -221,11 +221,11 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(den == 0.0, 0.0, 1.0 / np.sqrt(den))
     p = np.zeros((K.NP, nc), dtype=dt)
-    p[0] = mu
-    p[1] = mu - p[0]
-    p[2] = inv if gamma is None else _f64(gamma, nc) * inv
-    if beta is not None:
-        p[3] = _f64(beta, nc)
+    p[K.MU_HI] = mu
+    p[K.SCALE] = inv if gamma is None else _f64(gamma, nc) * inv
+    # (x - mu_hi) * scale + (beta - mu_lo * scale), the low part folded in float64
+    shift = -(mu - p[K.MU_HI]) * p[K.SCALE]
+    p[K.SHIFT] = shift if beta is None else shift + _f64(beta, nc)
     dst = _Output(x, out, layout)
     fam, nt = _family(x3)
     xr = _rows(x3)
