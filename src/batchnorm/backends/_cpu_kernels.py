@@ -49,6 +49,7 @@ MU_HI, MU_LO, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
 NP = 6
 # what one channel block of the cmajor kernels may hold of the arrays it reads (L2 share)
 BLOCK_BYTES = 1 << 18
+ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
@@ -147,11 +148,21 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
         r1 = (t + 1) * nr // nt
         s1 = np.zeros(nc)
         s2 = np.zeros(nc)
-        for r in range(r0, r1):
+        # x's dtype within chunks of ROWS_CHUNK rows (twice the lanes of float64 for
+        # float32), float64 across chunks: a float32 partial sums at most 16 shifted values
+        t1 = np.zeros_like(kx)
+        t2 = np.zeros_like(kx)
+        for q0 in range(r0, r1, ROWS_CHUNK):
+            t1[:] = 0
+            t2[:] = 0
+            for r in range(q0, min(q0 + ROWS_CHUNK, r1)):
+                for c in range(nc):
+                    d = x[r, c] - kx[c]
+                    t1[c] += d
+                    t2[c] += d * d
             for c in range(nc):
-                d = np.float64(x[r, c] - kx[c])
-                s1[c] += d
-                s2[c] += d * d
+                s1[c] += np.float64(t1[c])
+                s2[c] += np.float64(t2[c])
         part[t, 0, :] = s1
         part[t, 1, :] = s2
     for c in range(nc):
