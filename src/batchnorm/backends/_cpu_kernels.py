@@ -303,11 +303,21 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         r1 = (t + 1) * nr // nt
         s1 = np.zeros(nc)
         s2 = np.zeros(nc)
-        for r in range(r0, r1):
+        # 16-row chunks in x's dtype as in fwd_train_rows; sum g * (x - mu_hi) there and
+        # subtract mu_lo * sum g once in float64
+        t1 = np.zeros_like(mh)
+        t2 = np.zeros_like(mh)
+        for q0 in range(r0, r1, ROWS_CHUNK):
+            t1[:] = 0
+            t2[:] = 0
+            for r in range(q0, min(q0 + ROWS_CHUNK, r1)):
+                for c in range(nc):
+                    g = dy[r, c]
+                    t1[c] += g
+                    t2[c] += g * (x[r, c] - mh[c])
             for c in range(nc):
-                g = np.float64(dy[r, c])
-                s1[c] += g
-                s2[c] += g * (np.float64(x[r, c] - mh[c]) - ml[c])
+                s1[c] += np.float64(t1[c])
+                s2[c] += np.float64(t2[c]) - ml[c] * np.float64(t1[c])
         part[t, 0, :] = s1
         part[t, 1, :] = s2
     for c in range(nc):
