@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
+from batchnorm._shapes import as_3d, resolve_layout
 from batchnorm.backends import BackendUnavailable, select
 
 pytest.importorskip("numba")
+from batchnorm.backends import cpu  # noqa: E402  (needs numba)
 
 TOL = {np.float16: (2e-2, 2e-2), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
 SHAPES = {2: (7, 5), 3: (4, 3, 9), 4: (3, 4, 5, 6), 5: (2, 3, 4, 2, 3)}
@@ -23,6 +25,12 @@ LAYOUTS = {  # name -> (mode, channel_axis)
     "nhwc": ("spatial", -1),
     "per_activation": ("per_activation", 1),
 }
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    """Make every size take the parallel kernels (small inputs use the serial ones)."""
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0)
 
 
 def close(got, want, dtype, what, spread=1.0):
@@ -43,8 +51,6 @@ def data(shape, dtype, seed=0, loc=0.5, scale=2.0):
 
 
 def params(x, mode, channel_axis, affine, seed=1):
-    from batchnorm._shapes import resolve_layout
-
     pshape = resolve_layout(x.shape, mode, channel_axis).param_shape
     if not affine:
         return None, None, pshape
@@ -95,7 +101,9 @@ def check_all(x, mode, channel_axis, affine, *, dy=None, out=None, dtype=None):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_grid(layout, rank, dtype, affine):
+def test_grid(layout, rank, dtype, affine, monkeypatch):
+    if (rank + affine) % 2:  # half the grid (every layout x dtype) on the parallel kernels
+        monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0)
     mode, axis = LAYOUTS[layout]
     x = data(SHAPES[rank], dtype)
     x0 = x.copy()
@@ -145,16 +153,49 @@ def test_out(out_kind, layout):
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1), (1, 1, 1023), (7, 11, 13), (2, 3, 1),
-                                   (1, 5, 2), (13, 1)],
-                         ids=["size1", "near-pow2", "primes", "B1", "N1", "C1"])
+                                   (1, 5, 2), (13, 1), (3, 37, 5)],
+                         ids=["size1", "near-pow2", "primes", "B1", "N1", "C1", "blocks"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
-def test_named_shapes(shape, layout):
+def test_named_shapes(shape, layout, parallel):
     mode, axis = LAYOUTS[layout]
-    from batchnorm._shapes import resolve_layout
-
     if resolve_layout(shape, mode, axis).count < 2:
         pytest.skip("fewer than 2 values per channel: training is refused by validation")
     check_all(data(shape, np.float32), mode, axis, True)
+
+
+@pytest.mark.parametrize("family", ["serial", "parallel"])
+def test_nchw_stored_channels_last(family, monkeypatch):
+    # an (N, C, H, W) array whose channel stride is one element (torch's channels_last seen
+    # through NumPy) takes the rows kernels, and a fresh output keeps x's strides
+    if family == "parallel":
+        monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0)
+    x = np.ascontiguousarray(data((3, 5, 4, 6), np.float32).transpose(0, 2, 3, 1))
+    x = x.transpose(0, 3, 1, 2)
+    assert cpu._rows(as_3d(x, resolve_layout(x.shape, "spatial", 1))) is not None
+    y, _ = bn.forward_training(x, None, None, backend="cpu")
+    assert y.strides == x.strides
+    dx = bn.backward(x, x, None, bn.forward_training(x, None, None)[1], backend="cpu")[0]
+    assert dx.strides == x.strides
+    check_all(x, "spatial", 1, True)
+
+
+def test_torch_channels_last_view():
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(data((2, 6, 5, 5), np.float32)).contiguous(
+        memory_format=torch.channels_last)
+    x = t.numpy()
+    assert cpu._rows(as_3d(x, resolve_layout(x.shape, "spatial", 1))) is not None
+    check_all(x, "spatial", 1, True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+def test_sizes_that_run_in_parallel(layout):
+    # above the serial cut-off without monkeypatching; C not a multiple of the block
+    mode, axis = LAYOUTS[layout]
+    shape = (8, 67, 9, 9) if axis == 1 else (8, 9, 9, 67)
+    x = data(shape, np.float32)
+    assert x.size >= cpu._SERIAL_BELOW
+    check_all(x, mode, axis, True)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -230,7 +271,7 @@ def test_auto_picks_cpu_for_numpy():
     assert mod.NAME in ("cpu", "gpu")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
     layout=st.sampled_from(["nchw", "nhwc", "per_activation"]),
@@ -239,9 +280,18 @@ def test_auto_picks_cpu_for_numpy():
     loc=st.floats(-1e3, 1e3),
     scale=st.floats(1e-2, 1e2),
     seed=st.integers(0, 2**16),
+    force_parallel=st.booleans(),
 )
-def test_property_matches_reference(shape, layout, dtype, step, loc, scale, seed):
+def test_property_matches_reference(shape, layout, dtype, step, loc, scale, seed,
+                                    force_parallel):
     mode, axis = LAYOUTS[layout]
+    with pytest.MonkeyPatch.context() as mp:
+        if force_parallel:
+            mp.setattr(cpu, "_SERIAL_BELOW", 0)
+        _property_case(shape, mode, axis, dtype, step, loc, scale, seed)
+
+
+def _property_case(shape, mode, axis, dtype, step, loc, scale, seed):
     shape[0] = max(shape[0], 2)
     big = data(tuple(n * abs(step) for n in shape), dtype, seed, loc, scale)
     x = big[tuple(slice(None, None, step) for _ in shape)]
@@ -310,7 +360,10 @@ def test_accuracy_vs_torch(case, layout):
 
 # --- concurrency -----------------------------------------------------------------------
 
-def test_four_threads_at_once():
+@pytest.mark.parametrize("family", ["serial", "parallel"])
+def test_four_threads_at_once(family, monkeypatch):
+    if family == "parallel":  # Numba's thread pool entered from 4 Python threads at once
+        monkeypatch.setattr(cpu, "_SERIAL_BELOW", 0)
     inputs = [data((6, 5, 40), np.float32, seed) for seed in range(4)]
     inputs += [data((30, 7), np.float32, seed) for seed in range(4)]
     expected = []
@@ -323,7 +376,7 @@ def test_four_threads_at_once():
     def work(tid):
         try:
             barrier.wait()
-            for _ in range(20):
+            for _ in range(10):
                 for i in range(tid, len(inputs), 4):
                     y, s = bn.forward_training(inputs[i], None, None, backend="cpu")
                     dx = bn.backward(inputs[i], inputs[i], None, s, backend="cpu")[0]
@@ -338,3 +391,18 @@ def test_four_threads_at_once():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_stats_strided_and_dtypes(dtype):
+    # running statistics that cannot be viewed as 1-d (every other element) and float64 ones
+    x = data((6, 3, 5), np.float32)
+    got = {}
+    for b in ("cpu", "reference"):
+        rm = np.full(6, 0.5, dtype)[::2]
+        rv = np.full(3, 2.0, dtype)
+        bn.forward_training(x, None, None, running_mean=rm, running_var=rv, momentum=0.3,
+                            backend=b)
+        got[b] = (rm, rv)
+    close(got["cpu"][0], got["reference"][0], np.float32, "running_mean")
+    close(got["cpu"][1], got["reference"][1], np.float32, "running_var")

@@ -6,35 +6,60 @@ Two data orders, two kernel families:
   elements. Threads take whole channels; a channel's statistics are taken in one read and
   the channel is normalized right after, while its slice is still in this core's cache
   (the ``spatial_persistent`` algorithm; ``spatial`` is the same code).
-* ``*_rows`` (B == 1: channels-last and per-activation, a ``(rows, C)`` matrix with C
-  contiguous): threads take blocks of rows and keep per-thread partial sums of length C
-  (vectorized across channels), merged once; the apply pass then revisits the same rows on
-  the same thread, so a block that fits in cache is read from memory only once.
+* ``*_rows`` (channels-last and per-activation, a ``(rows, C)`` matrix with C contiguous):
+  threads take blocks of rows and keep per-thread partial sums of length C (vectorized
+  across channels), merged once; the apply pass then revisits the same rows on the same
+  thread, so its second read of x comes from that thread's cache when the block fits.
 
-Statistics are shifted sums in float64: with ``k`` a value of the channel,
-``var = E[(x-k)^2] - E[x-k]^2``, whose cancellation is bounded by ``((mu-k)/sigma)^2`` and
-absorbed by float64's 53 bits (a constant channel gives exactly 0). Outputs are formed in
-float64 as ``(x - mu) * scale + beta`` so a large mean does not cost float32 digits.
+Statistics are shifted sums in float64 of ``d = x - k`` (``k`` a value of the channel,
+subtracted in x's dtype: exact by Sterbenz's lemma when x is within a factor 2 of k, and
+otherwise rounded relative to d itself). ``var = E[d^2] - E[d]^2`` then loses at most
+``((mu-k)/sigma)^2`` of float64's 53 bits, and a constant channel gives exactly 0.
 
-``bad`` collects ``sum(y - y)`` per channel (of the stored y) when asked: 0 for finite
+The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
+the mean split in two: ``y = (x - mu_hi) * scale + (beta - mu_lo * scale)`` where ``mu_hi``
+is mu rounded to x's dtype (``x - mu_hi`` is exact near the mean, by Sterbenz) and ``mu_lo``
+the rest, folded into the shift in float64: a large mean costs no output digits, and the
+pass streams only three per-channel constants.
+The per-channel constants of those passes live in ``p`` (rows below, x's dtype).
+
+``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
+(Not ``y - y``: with reassociation allowed LLVM may rewrite ``acc + (y - y)`` as ``acc``;
+``y * 0`` folds to 0 only under no-NaN/no-Inf flags, which are never set here.)
+
+Every kernel exists twice: parallel (``prange`` over threads) and ``*_serial`` for small
+inputs, where starting the thread pool costs more than the work.
 """
 
 from __future__ import annotations
+
+import types
 
 import numba as nb
 import numpy as np
 from numba import prange
 
 # reassoc lets LLVM vectorize the reductions; no nnan/ninf: NaN and Inf must propagate.
-_OPTS = dict(parallel=True, cache=True, nogil=True, error_model="numpy",
-             fastmath={"reassoc", "contract", "nsz", "arcp"})
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
+
+# rows of the per-channel parameter array p (x's dtype); INV doubles as the saved invstd
+MU_HI, MU_LO, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
+NP = 6
+# what one channel block of the cmajor kernels may hold of the arrays it reads (L2 share)
+BLOCK_BYTES = 1 << 18
+ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
+# rows of the float64 statistics array st
+MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
 
-@nb.njit(cache=True, nogil=True)
-def _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, var, invstd,
-                  scale, shift):
-    """Mean, biased var and invstd of channel c from shifted sums; scale/shift of its apply."""
+@nb.njit(**_OPTS)
+def _finish_stats(s1, s2, k, m, eps, c, st, p):
+    """Mean, biased var, invstd of channel c from shifted sums; its apply constants in p.
+
+    On entry p[SCALE, c] and p[SHIFT, c] hold gamma and beta (1 and 0 without affine).
+    """
     dm = s1 / m
     v = s2 / m - dm * dm
     if v < 0.0:  # rounding only; keeps NaN
@@ -42,96 +67,126 @@ def _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, 
     mu = k + dm
     den = v + eps
     inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
-    g = np.float64(gamma[c]) if has_gamma else 1.0
-    mean[c] = mu
-    var[c] = v
-    invstd[c] = inv
-    scale[c] = g * inv
-    shift[c] = np.float64(beta[c]) if has_beta else 0.0
+    g = np.float64(p[SCALE, c])
+    st[MEAN, c] = mu
+    st[VAR, c] = v
+    st[INVSTD, c] = inv
+    p[INV, c] = inv
+    p[MU_HI, c] = mu
+    ml = mu - np.float64(p[MU_HI, c])
+    p[MU_LO, c] = ml
+    p[SCALE, c] = g * inv
+    # ((x - mu_hi) - mu_lo) * scale + beta == (x - mu_hi) * scale + (beta - mu_lo * scale)
+    p[SHIFT, c] = np.float64(p[SHIFT, c]) - ml * np.float64(p[SCALE, c])
 
 
 @nb.njit(**_OPTS)
-def fwd_train_cmajor(x, gamma, beta, has_gamma, has_beta, eps, y, mean, var, invstd, bad,
-                     check):
-    """Per channel: shifted sums, then y = (x - mu) * gamma * invstd + beta (slice in cache).
+def _channel_block(na, nc, nb_, nbytes, nt):
+    """Channels per cmajor block: as many as fit BLOCK_BYTES (nbytes per element read), but
+    enough blocks (4 per thread) to balance the threads."""
+    fit = BLOCK_BYTES // max(1, na * nb_ * nbytes)
+    return max(1, min(fit, nc // (4 * nt)))
 
-    Args: x, y [A, C, B]; gamma, beta [C] (ignored unless has_*); mean, var, invstd, bad [C]
-    float64 outputs (var biased).
+
+def fwd_train_cmajor(x, eps, y, st, p, check, nt):
+    """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
+
+    The block's slice stays in cache between the two passes; for each a its channels' runs
+    are one contiguous segment, so short runs (small H*W) still stream.
+    Args: x, y [A, C, B]; st [4, C] float64 out (mean, biased var, invstd, bad); p [NP, C]
+    of x's dtype, rows SCALE and SHIFT holding gamma and beta on entry; nt threads.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    scale = np.empty(nc)
-    shift = np.empty(nc)
-    for c in prange(nc):
-        k = np.float64(x[0, c, 0])
-        s1 = 0.0
-        s2 = 0.0
+    cb = _channel_block(na, nc, nb_, x.itemsize, nt)
+    for blk in prange((nc + cb - 1) // cb):
+        c0 = blk * cb
+        c1 = min(nc, c0 + cb)
+        s1 = np.zeros(c1 - c0)
+        s2 = np.zeros(c1 - c0)
         for a in range(na):
-            for b in range(nb_):
-                d = np.float64(x[a, c, b]) - k
-                s1 += d
-                s2 += d * d
-        _finish_stats(s1, s2, k, m, eps, gamma, beta, has_gamma, has_beta, c, mean, var,
-                      invstd, scale, shift)
-        mu = mean[c]
-        sc = scale[c]
-        sh = shift[c]
-        acc = 0.0
+            for c in range(c0, c1):
+                k = x[0, c, 0]
+                t1 = 0.0
+                t2 = 0.0
+                for b in range(nb_):
+                    d = np.float64(x[a, c, b] - k)
+                    t1 += d
+                    t2 += d * d
+                s1[c - c0] += t1
+                s2[c - c0] += t2
+        for c in range(c0, c1):
+            _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, c, st, p)
+            st[BAD, c] = 0.0
         for a in range(na):
-            for b in range(nb_):
-                y[a, c, b] = (np.float64(x[a, c, b]) - mu) * sc + sh
+            for c in range(c0, c1):
+                mh = p[MU_HI, c]
+                sc = p[SCALE, c]
+                sh = p[SHIFT, c]
                 if check:  # the stored value: the cast to y's dtype may overflow
-                    w = y[a, c, b]
-                    acc += w - w
-        bad[c] = acc
+                    acc = 0.0
+                    for b in range(nb_):
+                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
+                        acc += y[a, c, b] * 0.0
+                    st[BAD, c] += acc
+                else:
+                    for b in range(nb_):
+                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
 
 
-@nb.njit(**_OPTS)
-def fwd_train_rows(x, gamma, beta, has_gamma, has_beta, eps, y, mean, var, invstd, bad,
-                   check, nt):
-    """Rows version of :func:`fwd_train_cmajor` with nt row blocks (one per thread).
+def fwd_train_rows(x, eps, y, st, p, check, nt):
+    """Rows version of :func:`fwd_train_cmajor`: one block of rows per thread.
 
     Args: x, y [R, C]; the rest as there.
     """
     nr, nc = x.shape
-    k = np.empty(nc)
-    for c in range(nc):
-        k[c] = np.float64(x[0, c])
-    p1 = np.zeros((nt, nc))
-    p2 = np.zeros((nt, nc))
+    nt = max(1, min(nt, nr))
+    kx = x[0]  # the shifts: the first row
+    part = np.zeros((nt, 2, nc))
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
         s1 = np.zeros(nc)
         s2 = np.zeros(nc)
-        for r in range(r0, r1):
+        # x's dtype within chunks of ROWS_CHUNK rows (twice the lanes of float64 for
+        # float32), float64 across chunks: a float32 partial sums at most 16 shifted values
+        t1 = np.zeros_like(kx)
+        t2 = np.zeros_like(kx)
+        for q0 in range(r0, r1, ROWS_CHUNK):
+            t1[:] = 0
+            t2[:] = 0
+            for r in range(q0, min(q0 + ROWS_CHUNK, r1)):
+                for c in range(nc):
+                    d = x[r, c] - kx[c]
+                    t1[c] += d
+                    t2[c] += d * d
             for c in range(nc):
-                d = np.float64(x[r, c]) - k[c]
-                s1[c] += d
-                s2[c] += d * d
-        p1[t, :] = s1
-        p2[t, :] = s2
-    scale = np.empty(nc)
-    shift = np.empty(nc)
+                s1[c] += np.float64(t1[c])
+                s2[c] += np.float64(t2[c])
+        part[t, 0, :] = s1
+        part[t, 1, :] = s2
     for c in range(nc):
         s1 = 0.0
         s2 = 0.0
         for t in range(nt):
-            s1 += p1[t, c]
-            s2 += p2[t, c]
-        _finish_stats(s1, s2, k[c], nr, eps, gamma, beta, has_gamma, has_beta, c, mean, var,
-                      invstd, scale, shift)
-    apply_rows(x, mean, scale, shift, y, bad, check, nt)
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        _finish_stats(s1, s2, np.float64(kx[c]), nr, eps, c, st, p)
+    apply_rows(x, p, y, st, check, nt)
 
 
-@nb.njit(**_OPTS)
-def apply_rows(x, mu, scale, shift, y, bad, check, nt):
-    """y[r, c] = (x[r, c] - mu[c]) * scale[c] + shift[c], rows split into nt blocks.
+def apply_rows(x, p, y, st, check, nt):
+    """y[r, c] = (x[r, c] - mu_hi[c]) * scale[c] + shift[c], a row block a thread.
 
-    Also the inference kernel for rows. Args: x, y [R, C]; mu, scale, shift, bad [C].
+    Also the inference kernel for rows. Args: x, y [R, C]; p [NP, C] as filled by
+    :func:`_finish_stats`; st [4, C] (row BAD written when check).
     """
     nr, nc = x.shape
+    nt = max(1, min(nt, nr))
     acc = np.zeros((nt, nc))
+    mh = p[MU_HI]
+    sc = p[SCALE]
+    sh = p[SHIFT]
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
@@ -139,119 +194,186 @@ def apply_rows(x, mu, scale, shift, y, bad, check, nt):
             a = np.zeros(nc)
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = (np.float64(x[r, c]) - mu[c]) * scale[c] + shift[c]
-                    w = y[r, c]
-                    a[c] += w - w
+                    y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
+                    a[c] += y[r, c] * 0.0
             acc[t, :] = a
         else:
             for r in range(r0, r1):
                 for c in range(nc):
-                    y[r, c] = (np.float64(x[r, c]) - mu[c]) * scale[c] + shift[c]
+                    y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
     if check:
         for c in range(nc):
             s = 0.0
             for t in range(nt):
                 s += acc[t, c]
-            bad[c] = s
+            st[BAD, c] = s
 
 
-@nb.njit(**_OPTS)
-def affine_cmajor(x, mu, scale, shift, y):
-    """Inference: y = (x - mu[c]) * scale[c] + shift[c]. Args: x, y [A, C, B]; rest [C]."""
+def affine_cmajor(x, p, y):
+    """Inference: y = (x - mu_hi[c]) * scale[c] + shift[c] (mu_lo folded into shift).
+
+    Args: x, y [A, C, B]; p [NP, C] of x's dtype.
+    """
     na, nc, nb_ = x.shape
     # Parallel over (a, c) runs so that few channels still use every thread.
     for i in prange(na * nc):
         a = i // nc
         c = i - a * nc
-        m = mu[c]
-        sc = scale[c]
-        sh = shift[c]
+        mh = p[MU_HI, c]
+        sc = p[SCALE, c]
+        sh = p[SHIFT, c]
         for b in range(nb_):
-            y[a, c, b] = (np.float64(x[a, c, b]) - m) * sc + sh
+            y[a, c, b] = (x[a, c, b] - mh) * sc + sh
 
 
 @nb.njit(**_OPTS)
-def bwd_cmajor(dy, x, mean, invstd, gamma, has_gamma, training, dx, dgamma, dbeta):
-    """Per channel: dbeta = sum dy, dgamma = sum dy*xhat, then dx, slice still in cache.
+def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
+    """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu_hi) + k3 constants into p.
+
+    k3 absorbs -k2 * mu_lo (ml), as the forward's shift does.
+    """
+    dg = sdx * inv
+    dgb[0, c] = dg
+    dgb[1, c] = sd
+    k1 = (np.float64(gamma[c]) if gamma.size else 1.0) * inv
+    p[SCALE, c] = k1
+    p[SHIFT, c] = -k1 * inv * dg / m if training else 0.0
+    k3 = -k1 * sd / m if training else 0.0
+    p[K3, c] = k3 - np.float64(p[SHIFT, c]) * ml
+
+
+def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
+    """Per block of cb channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
-    Args: dy, x, dx [A, C, B]; mean, invstd, gamma [C]; dgamma, dbeta [C] float64 outputs.
+    Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
+    dgb [2, C] float64 out (dgamma, dbeta); p [NP, C] scratch of x's dtype; nt threads.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    for c in prange(nc):
-        mu = np.float64(mean[c])
-        inv = np.float64(invstd[c])
-        sd = 0.0
-        sdx = 0.0
+    cb = _channel_block(na, nc, nb_, 2 * x.itemsize, nt)
+    for blk in prange((nc + cb - 1) // cb):
+        c0 = blk * cb
+        c1 = min(nc, c0 + cb)
+        s1 = np.zeros(c1 - c0)
+        s2 = np.zeros(c1 - c0)
+        for c in range(c0, c1):
+            p[MU_HI, c] = mean[c]
         for a in range(na):
-            for b in range(nb_):
-                g = np.float64(dy[a, c, b])
-                sd += g
-                sdx += g * (np.float64(x[a, c, b]) - mu)
-        dg = sdx * inv
-        dbeta[c] = sd
-        dgamma[c] = dg
-        k1 = (np.float64(gamma[c]) if has_gamma else 1.0) * inv
-        if training:
-            k2 = -k1 * inv * dg / m
-            k3 = -k1 * sd / m
-            for a in range(na):
+            for c in range(c0, c1):
+                mh = p[MU_HI, c]
+                ml = mean[c] - np.float64(mh)
+                t1 = 0.0
+                t2 = 0.0
                 for b in range(nb_):
-                    dx[a, c, b] = (k1 * np.float64(dy[a, c, b])
-                                   + k2 * (np.float64(x[a, c, b]) - mu) + k3)
-        else:
-            for a in range(na):
-                for b in range(nb_):
-                    dx[a, c, b] = k1 * np.float64(dy[a, c, b])
+                    g = np.float64(dy[a, c, b])
+                    t1 += g
+                    t2 += g * (np.float64(x[a, c, b] - mh) - ml)
+                s1[c - c0] += t1
+                s2[c - c0] += t2
+        for c in range(c0, c1):
+            _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
+                        mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)
+        for a in range(na):
+            for c in range(c0, c1):
+                k1 = p[SCALE, c]
+                if training:
+                    mh = p[MU_HI, c]
+                    k2 = p[SHIFT, c]
+                    k3 = p[K3, c]
+                    for b in range(nb_):
+                        dx[a, c, b] = k1 * dy[a, c, b] + k2 * (x[a, c, b] - mh) + k3
+                else:
+                    for b in range(nb_):
+                        dx[a, c, b] = k1 * dy[a, c, b]
 
 
-@nb.njit(**_OPTS)
-def bwd_rows(dy, x, mean, invstd, gamma, has_gamma, training, dx, dgamma, dbeta, nt):
-    """Rows version of :func:`bwd_cmajor` with nt row blocks. Args: dy, x, dx [R, C]."""
+def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
+    """Rows version of :func:`bwd_cmajor`, a row block a thread. Args: dy, x, dx [R, C]."""
     nr, nc = x.shape
-    mu = np.empty(nc)
+    nt = max(1, min(nt, nr))
+    ml = np.empty(nc)
     for c in range(nc):
-        mu[c] = np.float64(mean[c])
-    p1 = np.zeros((nt, nc))
-    p2 = np.zeros((nt, nc))
+        p[MU_HI, c] = mean[c]
+        ml[c] = mean[c] - np.float64(p[MU_HI, c])
+    mh = p[MU_HI]
+    part = np.zeros((nt, 2, nc))
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
         s1 = np.zeros(nc)
         s2 = np.zeros(nc)
-        for r in range(r0, r1):
+        # 16-row chunks in x's dtype as in fwd_train_rows; sum g * (x - mu_hi) there and
+        # subtract mu_lo * sum g once in float64
+        t1 = np.zeros_like(mh)
+        t2 = np.zeros_like(mh)
+        for q0 in range(r0, r1, ROWS_CHUNK):
+            t1[:] = 0
+            t2[:] = 0
+            for r in range(q0, min(q0 + ROWS_CHUNK, r1)):
+                for c in range(nc):
+                    g = dy[r, c]
+                    t1[c] += g
+                    t2[c] += g * (x[r, c] - mh[c])
             for c in range(nc):
-                g = np.float64(dy[r, c])
-                s1[c] += g
-                s2[c] += g * (np.float64(x[r, c]) - mu[c])
-        p1[t, :] = s1
-        p2[t, :] = s2
-    k1 = np.empty(nc)
-    k2 = np.empty(nc)
-    k3 = np.empty(nc)
+                s1[c] += np.float64(t1[c])
+                s2[c] += np.float64(t2[c]) - ml[c] * np.float64(t1[c])
+        part[t, 0, :] = s1
+        part[t, 1, :] = s2
     for c in range(nc):
         sd = 0.0
         sdx = 0.0
         for t in range(nt):
-            sd += p1[t, c]
-            sdx += p2[t, c]
-        inv = np.float64(invstd[c])
-        dg = sdx * inv
-        dbeta[c] = sd
-        dgamma[c] = dg
-        k1[c] = (np.float64(gamma[c]) if has_gamma else 1.0) * inv
-        k2[c] = -k1[c] * inv * dg / nr if training else 0.0
-        k3[c] = -k1[c] * sd / nr if training else 0.0
+            sd += part[t, 0, c]
+            sdx += part[t, 1, c]
+        _bwd_consts(sd, sdx, invstd[c], gamma, nr, training, ml[c], c, dgb, p)
+    k1 = p[SCALE]
+    k2 = p[SHIFT]
+    k3 = p[K3]
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
         if training:
             for r in range(r0, r1):
                 for c in range(nc):
-                    dx[r, c] = (k1[c] * np.float64(dy[r, c])
-                                + k2[c] * (np.float64(x[r, c]) - mu[c]) + k3[c])
+                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * (x[r, c] - mh[c]) + k3[c]
         else:
             for r in range(r0, r1):
                 for c in range(nc):
-                    dx[r, c] = k1[c] * np.float64(dy[r, c])
+                    dx[r, c] = k1[c] * dy[r, c]
+
+
+@nb.njit(**_OPTS)
+def update_running(rm, rv, st, momentum, unbias):
+    """running = (1 - momentum) * running + momentum * batch, in place (var unbiased).
+
+    Args: rm, rv [C] (any float dtype; empty to skip); st [4, C] as filled by the forward.
+    """
+    for c in range(rm.size):
+        rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * st[MEAN, c]
+    for c in range(rv.size):
+        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (st[VAR, c] * unbias)
+
+
+def _compile(fn, parallel: bool, extra: dict):
+    # A distinct qualname per variant keeps the two in separate on-disk cache entries;
+    # ``extra`` rebinds the kernels a kernel calls to the same variant.
+    name = fn.__name__ + ("" if parallel else "_serial")
+    clone = types.FunctionType(fn.__code__, dict(fn.__globals__, **extra), name,
+                               fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = name
+    clone.__doc__ = fn.__doc__
+    clone.__module__ = fn.__module__
+    return nb.njit(parallel=parallel, **_OPTS)(clone)
+
+
+def _family(parallel: bool) -> types.SimpleNamespace:
+    ns = types.SimpleNamespace(apply_rows=_compile(apply_rows, parallel, {}))
+    for f in (fwd_train_cmajor, affine_cmajor, bwd_cmajor, bwd_rows):
+        setattr(ns, f.__name__, _compile(f, parallel, {}))
+    ns.fwd_train_rows = _compile(fwd_train_rows, parallel, {"apply_rows": ns.apply_rows})
+    return ns
+
+
+PARALLEL = _family(True)
+SERIAL = _family(False)

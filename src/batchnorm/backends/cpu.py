@@ -1,10 +1,12 @@
 """The CPU backend: Numba kernels (see ``_cpu_kernels``) behind the reference's signatures.
 
 Each call views its arrays as ``(A, C, B)`` (:func:`batchnorm._shapes.as_3d`) and picks a
-kernel family: per channel when ``B > 1`` (NCHW and friends), per row block when ``B == 1``
-(channels-last, per-activation, ``(N, C)``). Strided inputs are used in place when NumPy can
-view them as ``(A, C, B)``; when the kept axes of an ``axis=`` call are not adjacent, or a
-reshape cannot be a view, the input is copied to that canonical layout first.
+kernel family: per row block when the channel axis is the contiguous one (``B == 1``:
+channels-last, per-activation, ``(N, C)``; or an NCHW-shaped array stored channels-last),
+per channel otherwise (NCHW and friends). Small inputs take serial kernels. Strided inputs
+are used in place when NumPy can view them as ``(A, C, B)``; when the kept axes of an
+``axis=`` call are not adjacent, or a reshape cannot be a view, the input is copied to that
+canonical layout first.
 
 float16 has no arithmetic in Numba's CPU target, so float16 input is converted to float32,
 computed with float32 statistics, and converted back (one temporary the size of the input).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._shapes import Layout, as_3d, from_3d, stats_dtype, writable_3d
+from .._shapes import Layout, as_3d, from_3d, stats_dtype
 
 try:
     import numba
@@ -27,6 +29,7 @@ else:
 NAME = "cpu"
 _DTYPES = (np.float16, np.float32, np.float64)
 _EMPTY = np.empty(0)
+_ST0 = np.empty((4, 0))  # statistics rows apply_rows leaves alone
 
 
 def unavailable_reason(x) -> str | None:
@@ -46,22 +49,34 @@ def _f64(p, n: int) -> np.ndarray:
 
 
 def _compute_view(arr: np.ndarray, layout: Layout) -> np.ndarray:
-    """The 3-d view the kernels read; float16 goes through a float32 copy."""
+    """The 3-d view the kernels read; float16 goes through a float32 copy (same strides)."""
     if arr.dtype == np.float16:
         arr = arr.astype(np.float32)
+    if arr.flags.c_contiguous and layout.kept_adjacent:  # the common case, always a view
+        return arr.reshape(layout.dims3)
     return as_3d(arr, layout)
 
 
 class _Output:
-    """Where a kernel writes: ``out``'s 3-d view, or a buffer copied into the result after."""
+    """Where a kernel writes: ``out``'s 3-d view, or a buffer copied into the result after.
+
+    A fresh result copies x's memory order (``empty_like``), so a channels-last or
+    transposed input is written with the pattern it is read with.
+    """
 
     def __init__(self, x: np.ndarray, out: np.ndarray | None, layout: Layout):
-        self.result = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        self.result = np.empty_like(x) if out is None else out
         self.layout = layout
         if x.dtype == np.float16:
-            self.view, self.direct = np.empty(layout.dims3, dtype=np.float32), False
+            self.view = as_3d(np.empty_like(x, dtype=np.float32), layout)
+            self.direct = False
+        elif self.result.flags.c_contiguous and layout.kept_adjacent:
+            self.view, self.direct = self.result.reshape(layout.dims3), True
         else:
-            self.view, self.direct = writable_3d(self.result, layout)
+            view = as_3d(self.result, layout)
+            # a reshape that had to copy gives fresh memory: write there, copy back after
+            self.direct = np.may_share_memory(view, self.result)
+            self.view = view if self.direct else np.empty(layout.dims3, dtype=x.dtype)
 
     def finish(self) -> np.ndarray:
         if not self.direct:
@@ -69,20 +84,74 @@ class _Output:
         return self.result
 
 
-def _rows(a3: np.ndarray) -> np.ndarray:
-    return a3[:, :, 0]
+def _rows(a3: np.ndarray):
+    """The ``(A*B, C)`` view of a 3-d array whose channel axis is the contiguous one, or None.
+
+    True for B == 1 (channels-last as laid out by ``as_3d``) and for NCHW-shaped arrays
+    stored channels-last (a torch ``channels_last`` tensor seen through NumPy).
+    """
+    na, nc, nb_ = a3.shape
+    if nb_ == 1:
+        return a3[:, :, 0]
+    it = a3.itemsize
+    s0, s1, s2 = a3.strides
+    if nc > 1 and s1 == it and s2 == nc * it and (na == 1 or s0 == nb_ * s2):
+        return a3.transpose(0, 2, 1).reshape(na * nb_, nc)
+    return None
 
 
-def _blocks(rows: int) -> int:
-    # One row block per thread of Numba's pool (whatever the caller set it to).
-    return max(1, min(numba.get_num_threads(), rows))
+def _family(x3: np.ndarray):
+    """(kernels, threads): serial below _SERIAL_BELOW elements, where starting the thread
+    pool costs more than the work itself; else parallel on Numba's thread count."""
+    if x3.size < _SERIAL_BELOW:
+        return K.SERIAL, 1
+    return K.PARALLEL, _num_threads()
 
 
-def _update_running(running, momentum: float, batch: np.ndarray) -> None:
-    # running = (1 - m) * running + m * batch, in place (the caller handed it in for this)
-    if running is not None:
-        running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch.reshape(
-            running.shape)
+def _num_threads() -> int:
+    # numba.get_num_threads() costs ~1.5 us a call (a third of it launching checks); once the
+    # pool is up, its unchecked reader costs ~0.2 us. Both are per calling thread.
+    global _num_threads
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads as raw
+    except ImportError:  # pragma: no cover - a Numba without it
+        raw = None
+    n = numba.get_num_threads()  # launches the pool
+    if raw is not None and raw() == n:
+        def fast() -> int:
+            n = raw()
+            return n if n > 0 else numba.get_num_threads()
+        _num_threads = fast
+    else:  # pragma: no cover
+        _num_threads = numba.get_num_threads
+    return n
+
+
+_SERIAL_BELOW = 1 << 15
+
+
+def _flat_view(running, n: int):
+    """running as a writable 1-d view, _EMPTY for None, or None when no view exists."""
+    if running is None:
+        return _EMPTY
+    flat = running.reshape(n)
+    return flat if np.may_share_memory(flat, running) else None
+
+
+def _update_running(rm, rv, momentum: float, st: np.ndarray, m: int) -> None:
+    """The running statistics, in place (the caller handed them in for this)."""
+    if rm is None and rv is None:
+        return
+    nc = st.shape[1]
+    fm, fv = _flat_view(rm, nc), _flat_view(rv, nc)
+    unbias = m / (m - 1)
+    if fm is not None and fv is not None:
+        K.update_running(fm, fv, st, float(momentum), unbias)
+        return
+    for run, batch in ((rm, st[0]), (rv, st[1] * unbias)):  # odd strides: NumPy
+        if run is not None:
+            run[...] = ((1.0 - momentum) * run.astype(np.float64)
+                        + momentum * batch.reshape(run.shape))
 
 
 def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, running_mean=None,
@@ -102,33 +171,36 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     nc = layout.channels
     if x.size == 0:
         zeros = np.zeros(pshape, dtype=sdt)
-        y = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        y = np.empty_like(x) if out is None else out
         bad = np.zeros(pshape, dtype=bool) if check_finite else None
         return y, zeros, zeros.copy(), bad
 
     x3 = _compute_view(x, layout)
     dst = _Output(x, out, layout)
-    mean = np.empty(nc)
-    var = np.empty(nc)
-    invstd = np.empty(nc)
-    acc = np.zeros(nc)
-    args = (_f64(gamma, nc), _f64(beta, nc), gamma is not None, beta is not None, float(eps))
-    if x3.shape[2] == 1:
-        K.fwd_train_rows(_rows(x3), *args, _rows(dst.view), mean, var, invstd, acc,
-                         bool(check_finite), _blocks(x3.shape[0]))
+    st = np.empty((4, nc))
+    p = np.empty((K.NP, nc), dtype=x3.dtype)
+    p[K.SCALE] = 1.0 if gamma is None else gamma.reshape(nc)
+    p[K.SHIFT] = 0.0 if beta is None else beta.reshape(nc)
+    fam, nt = _family(x3)
+    check = bool(check_finite)
+    xr = _rows(x3)
+    yr = None if xr is None else _rows(dst.view)
+    if yr is not None:
+        fam.fwd_train_rows(xr, float(eps), yr, st, p, check, nt)
     else:
-        K.fwd_train_cmajor(x3, *args, dst.view, mean, var, invstd, acc, bool(check_finite))
+        fam.fwd_train_cmajor(x3, float(eps), dst.view, st, p, check, nt)
     y = dst.finish()
 
-    m = layout.count
-    _update_running(running_mean, momentum, mean)
-    _update_running(running_var, momentum, var * (m / (m - 1)))  # unbiased for the average
+    _update_running(running_mean, running_var, momentum, st, layout.count)
+    mean, _, invstd, acc = st
     bad = None
     if check_finite:
         bad = ~(np.isfinite(mean) & np.isfinite(invstd)) | (acc != 0.0)
         if x.dtype == np.float16:  # the float32 -> float16 cast may overflow on its own
             bad |= ~np.isfinite(as_3d(y, layout)).all(axis=(0, 2))
         bad = bad.reshape(pshape)
+    if p.dtype == sdt:  # the kernel stored both rounded to x's dtype already
+        return y, p[K.MU_HI].reshape(pshape), p[K.INV].reshape(pshape), bad
     return y, mean.astype(sdt).reshape(pshape), invstd.astype(sdt).reshape(pshape), bad
 
 
@@ -141,20 +213,27 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     """
     nc = layout.channels
     if x.size == 0:
-        return np.empty(x.shape, dtype=x.dtype) if out is None else out
+        return np.empty_like(x) if out is None else out
+    x3 = _compute_view(x, layout)
+    dt = x3.dtype
     mu = _f64(mean, nc)
     den = _f64(var, nc) + eps
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(den == 0.0, 0.0, 1.0 / np.sqrt(den))
-    scale = inv if gamma is None else _f64(gamma, nc) * inv
-    shift = np.zeros(nc) if beta is None else _f64(beta, nc)
-    x3 = _compute_view(x, layout)
+    p = np.zeros((K.NP, nc), dtype=dt)
+    p[K.MU_HI] = mu
+    p[K.SCALE] = inv if gamma is None else _f64(gamma, nc) * inv
+    # (x - mu_hi) * scale + (beta - mu_lo * scale), the low part folded in float64
+    shift = -(mu - p[K.MU_HI]) * p[K.SCALE]
+    p[K.SHIFT] = shift if beta is None else shift + _f64(beta, nc)
     dst = _Output(x, out, layout)
-    if x3.shape[2] == 1:
-        K.apply_rows(_rows(x3), mu, scale, shift, _rows(dst.view), _EMPTY, False,
-                     _blocks(x3.shape[0]))
+    fam, nt = _family(x3)
+    xr = _rows(x3)
+    yr = None if xr is None else _rows(dst.view)
+    if yr is not None:
+        fam.apply_rows(xr, p, yr, _ST0, False, nt)
     else:
-        K.affine_cmajor(x3, mu, scale, shift, dst.view)
+        fam.affine_cmajor(x3, p, dst.view)
     return dst.finish()
 
 
@@ -174,21 +253,23 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     nc = layout.channels
     if x.size == 0:
         zeros = np.zeros(pshape, dtype=sdt)
-        dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        dx = np.empty_like(x) if out is None else out
         return dx, None if gamma is None else zeros.copy(), zeros
 
     x3 = _compute_view(x, layout)
     dy3 = _compute_view(dy, layout)
     dst = _Output(x, out, layout)
-    dgamma = np.empty(nc)
-    dbeta = np.empty(nc)
-    args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), gamma is not None,
-            bool(training))
-    if x3.shape[2] == 1:
-        K.bwd_rows(_rows(dy3), _rows(x3), *args, _rows(dst.view), dgamma, dbeta,
-                   _blocks(x3.shape[0]))
+    dgb = np.empty((2, nc))
+    p = np.empty((K.NP, nc), dtype=x3.dtype)
+    fam, nt = _family(x3)
+    args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), bool(training))
+    xr = _rows(x3)
+    dyr = None if xr is None else _rows(dy3)
+    dxr = None if dyr is None else _rows(dst.view)
+    if dxr is not None:
+        fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, nt)
     else:
-        K.bwd_cmajor(dy3, x3, *args, dst.view, dgamma, dbeta)
+        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, nt)
     dx = dst.finish()
-    dg = None if gamma is None else dgamma.astype(sdt).reshape(pshape)
-    return dx, dg, dbeta.astype(sdt).reshape(pshape)
+    dg = None if gamma is None else dgb[0].astype(sdt).reshape(pshape)
+    return dx, dg, dgb[1].astype(sdt).reshape(pshape)
