@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", default=None, help="write CSV rows to this path")
     parser.add_argument("--reference", action="store_true",
                         help="also time the float64 reference on every shape (slow)")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step (forward, backward, SGD) of a small "
+                             "ResNet-style network with our layers against torch.nn's instead; "
+                             "python -m batchnorm.bench_train --help lists its own knobs")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start measurement (two subprocesses)")
 
@@ -227,6 +231,24 @@ def _shapes(batch: int, layouts: list[str]):
             yield group, shape, lay, 1
 
 
+def _train_step(args, batch: int, reps: int, threads: int) -> int:
+    """Delegate to :mod:`batchnorm.bench_train` with this command's shared options."""
+    import argparse
+
+    from . import bench_train
+
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    train_args = parser.parse_args([])
+    train_args.batch, train_args.steps, train_args.threads = batch, max(reps, 5), threads
+    train_args.csv = args.csv
+    status = 0
+    for layout in ["nchw", "nhwc"] if args.layout == "both" else [args.layout]:
+        train_args.channels_last = layout == "nhwc"
+        status |= bench_train.run(train_args)
+    return status
+
+
 def run(args) -> int:
     """Run the suite described by ``args`` (see :func:`add_arguments`); 0 on success."""
     import numba
@@ -245,6 +267,8 @@ def run(args) -> int:
         have_torch = False
     batch = args.batch or (8 if args.quick else 32)
     reps = args.reps or (5 if args.quick else 10)
+    if args.train:
+        return _train_step(args, batch, reps, threads)
     dtype = np.dtype(args.dtype).type
     layouts = ["nchw", "nhwc"] if args.layout == "both" else [args.layout]
     passes = list(PASSES) if args.passes == "all" else [args.passes]
