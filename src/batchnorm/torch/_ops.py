@@ -41,18 +41,21 @@ def check_layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
     """Validate what the backends would validate, on tensors (which may live on a GPU)."""
     if not x.dtype.is_floating_point:
         raise TypeError(f"`input` must have a floating-point dtype, got {x.dtype}")
-    layout = S.resolve_layout(tuple(x.shape), mode, 1)
+    layout = S.resolve_layout(x.shape, mode, 1)  # cached per (shape, mode)
+    pshape = layout.param_shape
+    on_cpu = x.is_cpu
     for name, t in params.items():
         if t is None:
             continue
         if not t.dtype.is_floating_point:
             raise TypeError(f"`{name}` must have a floating-point dtype, got {t.dtype}")
-        if tuple(t.shape) != layout.param_shape:
+        if t.shape != pshape:
             raise ValueError(
-                f"`{name}` must have shape {layout.param_shape} (the kept axes of an input of "
+                f"`{name}` must have shape {pshape} (the kept axes of an input of "
                 f"shape {layout.shape} in mode {mode!r}), got shape {tuple(t.shape)}"
             )
-        if t.device != x.device:
+        # is_cpu answers the common case without building two device objects
+        if not (on_cpu and t.is_cpu) and t.device != x.device:
             raise ValueError(f"`{name}` is on {t.device} but the input is on {x.device}")
     return layout
 
@@ -61,13 +64,28 @@ def _needs_host(x: Tensor) -> bool:
     """Whether ``x`` runs on the NumPy backends: CPU tensors, and device tensors that the GPU
     backend refuses (float64, or no Triton), which then make a round trip through host memory.
     """
-    if x.device.type == "cpu":
+    if x.is_cpu:
         return True
     try:
         select("gpu", x)
     except BackendUnavailable:
         return True
     return False
+
+
+# "auto" on a NumPy array depends on its dtype alone (the GPU backend refuses every array),
+# so the choice is made once per dtype instead of on every call.
+_AUTO_BY_DTYPE: dict = {}
+
+
+def _backend(xa):
+    """The backend that "auto" picks for ``xa`` (a NumPy array or a device tensor)."""
+    if isinstance(xa, Tensor):
+        return select("auto", xa)
+    backend = _AUTO_BY_DTYPE.get(xa.dtype)
+    if backend is None:
+        backend = _AUTO_BY_DTYPE[xa.dtype] = select("auto", xa)
+    return backend
 
 
 class _Host:
@@ -79,6 +97,8 @@ class _Host:
     Otherwise (the GPU backend) tensors pass through.
     """
 
+    __slots__ = ("numpy", "copies")
+
     def __init__(self, x: Tensor):
         self.numpy = _needs_host(x)
         self.copies: list[tuple[Tensor, Tensor]] = []
@@ -86,11 +106,13 @@ class _Host:
     def __call__(self, t: Tensor | None, *, writeback: bool = False):
         if t is None or not self.numpy:
             return t
+        if t.is_cpu and t.dtype != torch.bfloat16:  # the common case: a view, no copy
+            return (t.detach() if t.requires_grad else t).numpy()
         t = t.detach()
         host = t.cpu()
         if host.dtype == torch.bfloat16:
             host = host.float()
-        if writeback and host is not t:
+        if writeback:
             self.copies.append((t, host))
         return host.numpy()
 
@@ -102,12 +124,21 @@ class _Host:
 
 def _output_like(x: Tensor) -> Tensor:
     # empty_like keeps channels-last; bfloat16 results are produced in float32 first.
-    dtype = torch.float32 if (x.device.type == "cpu" and x.dtype == torch.bfloat16) else None
-    return torch.empty_like(x, dtype=dtype)
+    if x.dtype == torch.bfloat16 and x.is_cpu:
+        return torch.empty_like(x, dtype=torch.float32)
+    return torch.empty_like(x)
 
 
-def _tensor(a, device: torch.device) -> Tensor:
-    return a if isinstance(a, Tensor) else torch.from_numpy(a).to(device)
+def _tensor(a, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A backend result as a tensor on x's device (and of ``dtype`` if given)."""
+    t = a if isinstance(a, Tensor) else torch.from_numpy(a)
+    if not x.is_cpu:
+        t = t.to(x.device)
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _updated(running: Tensor | None, x: Tensor) -> Tensor:
@@ -115,6 +146,84 @@ def _updated(running: Tensor | None, x: Tensor) -> Tensor:
     if running is None:
         return x.new_empty((0,), dtype=stats_dtype(x.dtype))
     return running.detach().clone()
+
+
+def training_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                  eps: float, mode: str, batches: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, S.Layout]:
+    """(y, mu, invstd, layout) of :func:`forward_training`, updating the running statistics
+    in place.
+
+    The eager path calls this directly; the custom op calls it on copies of the running
+    statistics, since an operator with an autograd formula may not mutate its inputs.
+    """
+    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
+                          running_var=running_var)
+    if batches is not None:
+        momentum = 1.0 / max(float(batches), 1.0)
+    S.check_scalars(eps, momentum)
+    S.check_training_count(layout)
+    host = _Host(x)
+    xa = host(x)
+    y = _output_like(x)
+    _, mean, invstd, _ = _backend(xa).forward_training(
+        xa, host(weight), host(bias), layout, eps=eps, momentum=momentum,
+        running_mean=host(running_mean, writeback=True),
+        running_var=host(running_var, writeback=True),
+        out=host(y, writeback=True), check_finite=False,
+    )
+    host.finish()
+    # The backend wrote the running statistics through NumPy, behind autograd's back: count
+    # the write, as an in-place torch operation would, so stale saved copies are detected.
+    for running in (running_mean, running_var):
+        if running is not None:
+            torch.autograd.graph.increment_version(running)
+    return _as(y, x.dtype), _tensor(mean, x), _tensor(invstd, x), layout
+
+
+def inference_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                   var: Tensor, eps: float, mode: str) -> tuple[Tensor, S.Layout]:
+    """(y, layout) of :func:`forward_inference` (shared by the custom op and the eager path)."""
+    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
+    S.check_scalars(eps)
+    host = _Host(x)
+    xa = host(x)
+    y = _output_like(x)
+    _backend(xa).forward_inference(
+        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps,
+        out=host(y, writeback=True),
+    )
+    host.finish()
+    return _as(y, x.dtype), layout
+
+
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+                  training: bool, mode: str, layout: S.Layout | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of :func:`backward` (shared by the custom op and the eager path).
+
+    ``layout``, when given, is the one the forward validated ``x`` and ``weight`` with (the
+    statistics are the forward's own), so only ``dy`` is checked again.
+    """
+    if layout is None:
+        layout = check_layout(x, mode, weight=weight, mean=mean, invstd=invstd)
+        if training:
+            S.check_training_count(layout)
+    if dy.shape != layout.shape:
+        S.check_same_shape("dy", dy, layout)
+    host = _Host(x)
+    xa = host(x)
+    dx = _output_like(x)
+    _, dweight, dbias = _backend(xa).backward(
+        host(dy), xa, host(weight), host(mean), host(invstd), layout, training=training,
+        out=host(dx, writeback=True),
+    )
+    host.finish()
+    sdt = stats_dtype(x.dtype)
+    if dweight is None:
+        dweight = torch.zeros(layout.param_shape, dtype=sdt, device=x.device)
+    return _as(dx, x.dtype), _tensor(dweight, x, sdt), _tensor(dbias, x, sdt)
 
 
 # Functional (mutates nothing) because torch.library refuses autograd formulas for mutating
@@ -140,25 +249,12 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
             inside the operator, so that a compiled graph need not know its value.
     """
-    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
-                     running_var=running_var)
-    if batches is not None:
-        momentum = 1.0 / max(float(batches), 1.0)
-    S.check_scalars(eps, momentum)
-    S.check_training_count(layout)
     new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
-    host = _Host(x)
-    xa = host(x)
-    y = _output_like(x)
-    _, mean, invstd, _ = select("auto", xa).forward_training(
-        xa, host(weight), host(bias), layout, eps=eps, momentum=momentum,
-        running_mean=host(new_mean, writeback=True) if running_mean is not None else None,
-        running_var=host(new_var, writeback=True) if running_var is not None else None,
-        out=host(y, writeback=True), check_finite=False,
+    y, mean, invstd, _ = training_impl(
+        x, weight, bias, new_mean if running_mean is not None else None,
+        new_var if running_var is not None else None, momentum, eps, mode, batches,
     )
-    host.finish()
-    return (y.to(x.dtype), _tensor(mean, x.device), _tensor(invstd, x.device),
-            new_mean, new_var)
+    return y, mean, invstd, new_mean, new_var
 
 
 @forward_training.register_fake
@@ -183,17 +279,7 @@ def forward_inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, mea
         mean, var: [param_shape] statistics (usually the running ones).
         eps, mode: as in :func:`forward_training`.
     """
-    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
-    S.check_scalars(eps)
-    host = _Host(x)
-    xa = host(x)
-    y = _output_like(x)
-    select("auto", xa).forward_inference(
-        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps,
-        out=host(y, writeback=True),
-    )
-    host.finish()
-    return y.to(x.dtype)
+    return inference_impl(x, weight, bias, mean, var, eps, mode)[0]
 
 
 @forward_inference.register_fake
@@ -216,23 +302,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd:
         training: whether the statistics were the batch's own.
         mode: as in :func:`forward_training`.
     """
-    layout = check_layout(x, mode, weight=weight, mean=mean, invstd=invstd)
-    S.check_same_shape("dy", dy, layout)
-    if training:
-        S.check_training_count(layout)
-    host = _Host(x)
-    xa = host(x)
-    dx = _output_like(x)
-    _, dweight, dbias = select("auto", xa).backward(
-        host(dy), xa, host(weight), host(mean), host(invstd), layout, training=training,
-        out=host(dx, writeback=True),
-    )
-    host.finish()
-    sdt = stats_dtype(x.dtype)
-    dbias = _tensor(dbias, x.device).to(sdt)
-    if dweight is None:
-        dweight = torch.zeros(layout.param_shape, dtype=sdt, device=x.device)
-    return dx.to(x.dtype), _tensor(dweight, x.device).to(sdt), dbias
+    return backward_impl(dy, x, weight, mean, invstd, training, mode)
 
 
 @backward.register_fake

@@ -15,6 +15,14 @@ inference, and upstream gradients ``u`` (of dx), ``a`` (of dweight), ``c`` (of d
 and in training the saved mu and s are themselves functions of x
 (d mu/dx = 1/M, d s/dx = -s^2 xhat / M), which the x gradient includes. The saved statistics
 are treated as constants beyond that, so third derivatives are not supported.
+
+Two routes to the same implementations: under ``torch.compile`` / ``torch.export`` the custom
+ops (which the compiler can trace); in eager mode plain ``autograd.Function`` classes that call
+the implementations directly. The dispatcher, the custom ops' argument handling and their
+functional copies of the running statistics cost more than the kernels on small inputs, and
+eager mode needs none of them: running statistics are updated in place, and the backward calls
+the backward implementation directly unless a graph of it is being built (double backward),
+when it goes through the differentiable ``batchnorm::backward`` op.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from . import _ops  # importing it registers torch.ops.batchnorm.*
 from ._ops import param_shape
 
 _ops_ns = torch.ops.batchnorm
+
+# Whether eager calls take the direct route (tests turn it off to compare the two routes).
+EAGER_FAST_PATH = True
 
 
 def _reduce_dims(x: Tensor, mode: str) -> tuple[tuple[int, ...], list[int]]:
@@ -66,8 +77,8 @@ def _grads(ctx, weight, dx, dweight, dbias):
     need = ctx.needs_input_grad
     return (
         dx if need[0] else None,
-        dweight.to(weight.dtype) if need[1] else None,
-        dbias.to(ctx.bias_dtype) if need[2] else None,
+        _ops._as(dweight, weight.dtype) if need[1] else None,
+        _ops._as(dbias, ctx.bias_dtype) if need[2] else None,
     )
 
 
@@ -86,13 +97,18 @@ def _setup_inference(ctx, inputs, output):
     ctx.eps = eps
 
 
+def _inference_stats(mean: Tensor, var: Tensor, eps: float, sdt: torch.dtype):
+    """(mean, invstd) in the statistics dtype; invstd = 0 where var + eps == 0 (SPEC 4),
+    matching the forward's convention."""
+    denom = var.to(sdt) + eps
+    invstd = torch.where(denom == 0, torch.zeros_like(denom), denom.rsqrt())
+    return mean.to(sdt), invstd
+
+
 def _backward_inference(ctx, gy):
     x, weight, mean, var = ctx.saved_tensors
-    sdt = _ops.stats_dtype(x.dtype)
-    denom = var.to(sdt) + ctx.eps
-    # invstd = 0 where var + eps == 0 (SPEC 4), matching the forward's convention.
-    invstd = torch.where(denom == 0, torch.zeros_like(denom), denom.rsqrt())
-    dx, dweight, dbias = _ops_ns.backward(gy, x, weight, mean.to(sdt), invstd, False, ctx.mode)
+    mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
+    dx, dweight, dbias = _ops_ns.backward(gy, x, weight, mean, invstd, False, ctx.mode)
     # Gradients with respect to the given statistics are not computed (they are buffers).
     return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 4
 
@@ -151,6 +167,69 @@ torch.library.register_autograd(
 )
 
 
+# ---- the eager route
+
+def _eager_backward(ctx, gy, x, weight, mean, invstd, training: bool):
+    if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
+        return _ops_ns.backward(gy, x, weight, mean, invstd, training, ctx.mode)
+    return _ops.backward_impl(gy, x, weight, mean, invstd, training, ctx.mode, ctx.layout)
+
+
+class _EagerTraining(torch.autograd.Function):
+    """forward_training without the dispatcher; running statistics updated in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, mode, batches):
+        y, mean, invstd, ctx.layout = _ops.training_impl(
+            x, weight, bias, running_mean, running_var, momentum, eps, mode, batches)
+        ctx.mode = mode
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = _eager_backward(ctx, gy, x, weight, mean, invstd, True)
+        return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 6
+
+
+class _EagerInference(torch.autograd.Function):
+    """forward_inference without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, mode):
+        y, ctx.layout = _ops.inference_impl(x, weight, bias, mean, var, eps, mode)
+        ctx.mode, ctx.eps = mode, eps
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, mean, var)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, var = ctx.saved_tensors
+        mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
+        dx, dweight, dbias = _eager_backward(ctx, gy, x, weight, mean, invstd, False)
+        return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 4
+
+
+# Function.apply's Python wrapper binds default arguments and unwraps torch.func tensors;
+# _eager() already rules torch.func out, so the C entry point is called directly.
+_apply_training = super(torch.autograd.Function, _EagerTraining).apply
+_apply_inference = super(torch.autograd.Function, _EagerInference).apply
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether this call may bypass the custom ops: not while a compiler or exporter traces
+    it, not for tensor subclasses (fake, functional, meta-like), not under torch.func."""
+    return (EAGER_FAST_PATH and type(x) is Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, mode: str = "spatial",
@@ -183,9 +262,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {size}"
             )
+        momentum, eps = float(momentum), float(eps)
+        if _eager(input):
+            if _wants_grad(input, weight, bias):
+                return _apply_training(input, weight, bias, running_mean, running_var,
+                                       momentum, eps, mode, batches)
+            return _ops.training_impl(input, weight, bias, running_mean, running_var,
+                                      momentum, eps, mode, batches)[0]
         y, _, _, new_mean, new_var = _ops_ns.forward_training(
-            input, weight, bias, running_mean, running_var, float(momentum), float(eps), mode,
-            batches,
+            input, weight, bias, running_mean, running_var, momentum, eps, mode, batches,
         )
         with torch.no_grad():  # the in-place update torch.nn.functional.batch_norm makes
             if running_mean is not None:
@@ -197,6 +282,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         # torch.nn.functional.batch_norm's error, so code written against it keeps working
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    return _ops_ns.forward_inference(
-        input, weight, bias, running_mean, running_var, float(eps), mode
-    )
+    eps = float(eps)
+    if _eager(input):
+        if _wants_grad(input, weight, bias):
+            return _apply_inference(input, weight, bias, running_mean, running_var, eps, mode)
+        return _ops.inference_impl(input, weight, bias, running_mean, running_var, eps, mode)[0]
+    return _ops_ns.forward_inference(input, weight, bias, running_mean, running_var, eps, mode)
