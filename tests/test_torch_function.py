@@ -146,3 +146,66 @@ def test_does_not_modify_input():
     y = batch_norm(x.requires_grad_(), rm, rv, w, b, True)
     y.backward(torch.ones_like(y))
     assert torch.equal(x.detach(), before)
+
+
+def _run_route(fast, monkeypatch, x, w, b, rm, rv, training, mode, dy):
+    from batchnorm.torch import function
+
+    monkeypatch.setattr(function, "EAGER_FAST_PATH", fast)
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_() if w is not None else None
+    br = b.clone().requires_grad_() if b is not None else None
+    rmr, rvr = rm.clone(), rv.clone()
+    y = batch_norm(xr, rmr, rvr, wr, br, training, 0.2, 1e-4, mode=mode)
+    # first order through the route's backward, then a double-backward loss
+    (gx,) = torch.autograd.grad(y, xr, dy, create_graph=True)
+    (gx * gx).sum().backward()
+    return [y, gx, xr.grad, rmr, rvr] + ([wr.grad, br.grad] if w is not None else [])
+
+
+@pytest.mark.parametrize("mode", ["spatial", "per_activation"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_eager_fast_path_matches_custom_ops(monkeypatch, mode, training, affine, dtype):
+    """The direct autograd.Function route and the dispatcher route run the same
+    implementations: outputs, running statistics and first and second order gradients are
+    bitwise equal."""
+    x, w, b, rm, rv = make((5, 3, 4, 2), mode, affine, True, dtype=dtype)
+    if dtype != torch.float64:  # statistics in float32, as torch.nn keeps them
+        rm, rv = rm.float(), rv.float()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    fast = _run_route(True, monkeypatch, x, w, b, rm, rv, training, mode, dy)
+    slow = _run_route(False, monkeypatch, x, w, b, rm, rv, training, mode, dy)
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    for i, (a, e) in enumerate(zip(fast, slow, strict=True)):
+        if a is None or e is None:  # e.g. bias: dx does not depend on it
+            assert a is None and e is None, i
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, i
+        assert torch.equal(a, e), f"result {i} differs: max {(a.double() - e.double()).abs().max()}"
+
+
+def test_eager_fast_path_is_taken_and_bumps_versions():
+    """Eager calls do not go through the custom op, and the in-place running-statistics
+    update is visible to autograd's version counter, as torch's own in-place ops are."""
+    from batchnorm.torch import function
+
+    x, w, b, rm, rv = make((4, 3, 2, 2), "spatial", True, False)
+    v0 = rm._version, rv._version
+    called = []
+    real = function._ops_ns.forward_training
+
+    class Spy:
+        def __call__(self, *a, **k):
+            called.append(1)
+            return real(*a, **k)
+
+    try:
+        function._ops_ns = type("NS", (), {"forward_training": Spy(),
+                                           "backward": torch.ops.batchnorm.backward})()
+        batch_norm(x.requires_grad_(), rm, rv, w, b, True).sum().backward()
+    finally:
+        function._ops_ns = torch.ops.batchnorm
+    assert not called
+    assert rm._version > v0[0] and rv._version > v0[1]
