@@ -275,18 +275,33 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         s2 = np.zeros(c1 - c0)
         for c in range(c0, c1):
             p[MU_HI, c] = mean[c]
-        for a in range(na):
-            for c in range(c0, c1):
-                mh = p[MU_HI, c]
-                ml = mean[c] - np.float64(mh)
-                t1 = 0.0
-                t2 = 0.0
-                for b in range(nb_):
-                    g = np.float64(dy[a, c, b])
-                    t1 += g
-                    t2 += g * (np.float64(x[a, c, b] - mh) - ml)
-                s1[c - c0] += t1
-                s2[c - c0] += t2
+        if nb_ <= SHORT_RUN:
+            # as in the forward: x's dtype within a run, float64 across; sum g * (x - mu_hi)
+            # and subtract mu_lo * sum g once per run
+            for a in range(na):
+                for c in range(c0, c1):
+                    mh = p[MU_HI, c]
+                    u1 = mh - mh
+                    u2 = mh - mh
+                    for b in range(nb_):
+                        h = dy[a, c, b]
+                        u1 += h
+                        u2 += h * (x[a, c, b] - mh)
+                    s1[c - c0] += np.float64(u1)
+                    s2[c - c0] += np.float64(u2) - (mean[c] - np.float64(mh)) * np.float64(u1)
+        else:
+            for a in range(na):
+                for c in range(c0, c1):
+                    mh = p[MU_HI, c]
+                    ml = mean[c] - np.float64(mh)
+                    t1 = 0.0
+                    t2 = 0.0
+                    for b in range(nb_):
+                        g = np.float64(dy[a, c, b])
+                        t1 += g
+                        t2 += g * (np.float64(x[a, c, b] - mh) - ml)
+                    s1[c - c0] += t1
+                    s2[c - c0] += t2
         for c in range(c0, c1):
             _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
                         mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)
