@@ -100,6 +100,8 @@ def _cache_per_thread(threads: int) -> int:
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):  # also holds files such as uevent
+                continue
             d = os.path.join(base, entry)
             with open(os.path.join(d, "type")) as fh:
                 if fh.read().strip() == "Instruction":
