@@ -212,7 +212,7 @@ def test_torch_channels_last_view():
 def test_sizes_that_run_in_parallel(layout):
     # above the serial cut-off without monkeypatching; C not a multiple of the block
     mode, axis = LAYOUTS[layout]
-    shape = (8, 67, 9, 9) if axis == 1 else (8, 9, 9, 67)
+    shape = (16, 67, 9, 9) if axis == 1 else (16, 9, 9, 67)
     x = data(shape, np.float32)
     assert x.size >= cpu._SERIAL_BELOW
     check_all(x, mode, axis, True)
