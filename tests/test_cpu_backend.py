@@ -159,8 +159,28 @@ def test_out(out_kind, layout):
 def test_named_shapes(shape, layout, parallel):
     mode, axis = LAYOUTS[layout]
     if resolve_layout(shape, mode, axis).count < 2:
-        pytest.skip("fewer than 2 values per channel: training is refused by validation")
-    check_all(data(shape, np.float32), mode, axis, True)
+        check_one_value_per_channel(data(shape, np.float32), mode, axis)
+    else:
+        check_all(data(shape, np.float32), mode, axis, True)
+
+
+def check_one_value_per_channel(x, mode, axis):
+    """Training is refused (SPEC section 5); inference and the eval backward still run."""
+    kw = dict(mode=mode, channel_axis=axis)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.forward_training(x, None, None, backend="cpu", **kw)
+    gamma, beta, pshape = params(x, mode, axis, True)
+    mean = data(pshape, np.float32, 4)
+    var = np.abs(data(pshape, np.float32, 5)) + 0.1
+    y = bn.forward_inference(x, gamma, beta, mean, var, backend="cpu", **kw)
+    close(y, bn.forward_inference(x, gamma, beta, mean, var, backend="reference", **kw),
+          np.float32, "inference y")
+    saved = bn.SavedStats(mean=mean, invstd=(1.0 / np.sqrt(var + 1e-5)).astype(np.float32))
+    dy = data(x.shape, np.float32, 3)
+    got = bn.backward(dy, x, gamma, saved, training=False, backend="cpu", **kw)
+    want = bn.backward(dy, x, gamma, saved, training=False, backend="reference", **kw)
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+        close(g, w, np.float32, f"{name} (eval backward)")
 
 
 @pytest.mark.parametrize("family", ["serial", "parallel"])
@@ -192,7 +212,7 @@ def test_torch_channels_last_view():
 def test_sizes_that_run_in_parallel(layout):
     # above the serial cut-off without monkeypatching; C not a multiple of the block
     mode, axis = LAYOUTS[layout]
-    shape = (8, 67, 9, 9) if axis == 1 else (8, 9, 9, 67)
+    shape = (16, 67, 9, 9) if axis == 1 else (16, 9, 9, 67)
     x = data(shape, np.float32)
     assert x.size >= cpu._SERIAL_BELOW
     check_all(x, mode, axis, True)

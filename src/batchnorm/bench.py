@@ -7,10 +7,21 @@ size (same thread count as the kernels), and
     f_fwd = 2 * bytes(x) / (t * B_copy) = t_copy / t          (forward training, inference)
     f_bwd = 3 * bytes(x) / (t * B_copy) = 1.5 * t_copy / t    (backward)
 
+``f_alg`` counts the traffic the algorithm needs instead: when the slice one thread reduces
+and then revisits (a channel for NCHW, a block of rows per thread for channels-last) is
+larger than that thread's share of the cache (L2 + L3 / threads), it has to read x (and dy)
+a second time, so f_alg = f * 3/2 forward and f * 5/3 backward; otherwise f_alg = f.
+
 Providers: ``batchnorm-cpu`` (the public API with ``backend="cpu"``), ``torch``
 (``torch.nn.functional.batch_norm`` and its ATen ``.out`` kernels, same thread count, never
 upcast) and ``reference`` (slow; small shapes or ``--reference``). Each is timed writing into
-preallocated outputs (``alloc=prealloc``) and with fresh outputs (``alloc=fresh``).
+preallocated outputs (``alloc=prealloc``: both into the same, already touched buffer) and with
+fresh outputs (``alloc=fresh``: both allocate their own on every call).
+
+Each provider is timed in its own block after a short pause: the process holds two OpenMP
+runtimes (PyTorch's and Numba's), and threads of one still spinning after its last call
+would steal the cores from the other's first calls. Calls shorter than a millisecond are
+timed in batches and reported per call.
 """
 
 from __future__ import annotations
@@ -48,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both Numba and PyTorch (default: all cores)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    parser.add_argument("--group", default="all",
+                        choices=["all", "resnet50", "bn1d", "few-channel", "tiny"],
+                        help="only this group of shapes")
     parser.add_argument("--csv", default=None, help="write CSV rows to this path")
     parser.add_argument("--reference", action="store_true",
                         help="also time the float64 reference on every shape (slow)")
@@ -59,14 +73,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the cold-start measurement (two subprocesses)")
 
 
-def _time(fn, reps: int) -> list[float]:
+PAUSE_S = 0.05  # idle time before each provider's block (other runtime's spinning threads)
+BATCH_S = 2e-3  # calls shorter than this are timed in batches this long
+
+
+def _time(fn, reps: int, pause: float = 0.0) -> list[float]:
+    """Per-call seconds of ``reps`` timed repetitions (each a batch of calls when short)."""
+    if pause:
+        time.sleep(pause)
+    t0 = time.perf_counter()
     fn()  # warm-up: compile, first-touch pages of preallocated outputs
+    fn()
+    inner = max(1, int(BATCH_S / max(time.perf_counter() - t0, 1e-7)))
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t0) / inner)
     return out
+
+
+def _cache_per_thread(threads: int) -> int:
+    """Bytes of cache one thread may count on: its L2 plus a share of the shared levels."""
+    total = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):  # also holds files such as uevent
+                continue
+            d = os.path.join(base, entry)
+            with open(os.path.join(d, "type")) as fh:
+                if fh.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(d, "level")) as fh:
+                level = int(fh.read())
+            with open(os.path.join(d, "size")) as fh:
+                size = fh.read().strip()
+            nbytes = int(size[:-1]) * 1024 if size.endswith("K") else int(size)
+            if level == 2:
+                total += nbytes
+            elif level >= 3:
+                total += nbytes // threads
+    except (OSError, ValueError):
+        return 1 << 20
+    return total or 1 << 20
+
+
+def _alg_factor(case: _Case, pass_: str, threads: int, cache: int) -> float:
+    """Traffic the algorithm needs over the floor (1 when a thread's slice stays in cache)."""
+    if pass_ == "inf":
+        return 1.0
+    c = case.shape[1]
+    streams = 2 if pass_ == "bwd" else 1  # arrays the reduction reads and the apply re-reads
+    if case.layout == "nchw" and len(case.shape) > 2:  # a channel's slice, x (and dy)
+        slice_bytes = streams * case.nbytes // c
+    else:  # a thread's block of rows
+        slice_bytes = streams * case.nbytes // threads
+    if slice_bytes <= cache:
+        return 1.0
+    return 5 / 3 if pass_ == "bwd" else 1.5
 
 
 def _device() -> str:
@@ -186,7 +252,7 @@ def _copy_time(case: _Case, reps: int) -> float:
         import torch
 
         src, dst = torch.from_numpy(case.x), torch.from_numpy(case.out)
-        return min(_time(lambda: dst.copy_(src), max(reps, 5)))
+        return min(_time(lambda: dst.copy_(src), max(reps, 5), PAUSE_S))
     except ImportError:
         import numba
 
@@ -196,7 +262,7 @@ def _copy_time(case: _Case, reps: int) -> float:
                 dst[i] = src[i]
 
         src, dst = case.x.reshape(-1), case.out.reshape(-1)
-        return min(_time(lambda: parallel_copy(src, dst), max(reps, 5)))
+        return min(_time(lambda: parallel_copy(src, dst), max(reps, 5), PAUSE_S))
 
 
 def _cold_start(threads: int) -> dict[str, float]:
@@ -276,7 +342,8 @@ def run(args) -> int:
     providers = ["batchnorm-cpu"] + (["torch"] if have_torch else [])
 
     rows = []
-    cases = list(_shapes(batch, layouts))
+    cache = _cache_per_thread(threads)
+    cases = [c for c in _shapes(batch, layouts) if args.group in ("all", c[0])]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(cases))
         for group, shape, lay, weight in cases:
@@ -289,9 +356,11 @@ def run(args) -> int:
                     for alloc in ("prealloc", "fresh"):
                         fn = (_bn_calls(case, pass_, alloc == "prealloc") if prov != "torch"
                               else _torch_calls(case, pass_, alloc == "prealloc"))
-                        timed[prov, alloc] = _time(fn, reps)
+                        timed[prov, alloc] = _time(fn, reps, PAUSE_S)
                 if args.reference or case.nbytes <= 1 << 20:
-                    timed["reference", "fresh"] = _time(_ref_calls(case, pass_), min(reps, 5))
+                    timed["reference", "fresh"] = _time(_ref_calls(case, pass_), min(reps, 5),
+                                                        PAUSE_S)
+                alg = _alg_factor(case, pass_, threads, cache)
                 for (prov, alloc), ts in timed.items():
                     med = statistics.median(ts)
                     tt = timed.get(("torch", alloc))
@@ -301,12 +370,13 @@ def run(args) -> int:
                         threads=threads, median_ms=med * 1e3, min_ms=min(ts) * 1e3,
                         max_ms=max(ts) * 1e3, reps=len(ts), copy_ms=t_copy * 1e3,
                         f=(1.5 if pass_ == "bwd" else 1.0) * t_copy / med,
+                        f_alg=alg * (1.5 if pass_ == "bwd" else 1.0) * t_copy / med,
                         speedup_vs_torch=statistics.median(tt) / med if tt else float("nan"),
                         device=device, versions=versions))
             progress.advance(task)
 
     cold = None if args.no_cold_start else _cold_start(threads)
-    _print(console, rows, cold, threads, batch, args, device, versions)
+    _print(console, rows, cold, threads, batch, args, device, versions, cache)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -316,11 +386,15 @@ def run(args) -> int:
     return 0
 
 
-def _print(console, rows, cold, threads, batch, args, device, versions) -> None:
+def _print(console, rows, cold, threads, batch, args, device, versions, cache) -> None:
     from rich.table import Table
 
     console.print(f"[bold]batchnorm bench[/] {device}; {versions}; threads={threads}; "
                   f"batch={batch}; dtype={args.dtype}")
+    console.print(f"each provider timed in its own block after a {PAUSE_S * 1e3:.0f} ms pause; "
+                  f"calls under {BATCH_S * 1e3:.0f} ms timed in batches; alloc=prealloc: both "
+                  "write into the same preallocated output, alloc=fresh: both allocate per call; "
+                  f"f_alg assumes {cache >> 10} KiB of cache per thread")
     # network total: the 53 ResNet-50 layers, weighted by their counts
     tot = defaultdict(float)
     for r in rows:
@@ -328,25 +402,29 @@ def _print(console, rows, cold, threads, batch, args, device, versions) -> None:
             key = (r["provider"], r["pass_"], r["layout"], r["alloc"])
             tot[key] += r["weight"] * r["median_ms"]
     table = Table(title=f"ResNet-50 network total (53 BN layers, batch {batch})")
-    for col in ("pass", "layout", "alloc", "batchnorm-cpu ms", "f", "torch ms", "torch f",
-                "speedup", "copy ms"):
+    for col in ("pass", "layout", "alloc", "batchnorm-cpu ms", "f", "f_alg", "torch ms",
+                "torch f", "torch f_alg", "speedup", "copy ms"):
         table.add_column(col, justify="right")
     for (prov, pass_, lay, alloc), ms in sorted(tot.items()):
         if prov != "batchnorm-cpu":
             continue
-        copy = sum(r["weight"] * r["copy_ms"] for r in rows
-                   if r["group"] == "resnet50" and r["provider"] == prov
-                   and r["pass_"] == pass_ and r["layout"] == lay and r["alloc"] == alloc)
+        mine = [r for r in rows if r["group"] == "resnet50" and r["provider"] == prov
+                and r["pass_"] == pass_ and r["layout"] == lay and r["alloc"] == alloc]
+        copy = sum(r["weight"] * r["copy_ms"] for r in mine)
+        # the copy time scaled by each layer's algorithmic traffic factor
+        copy_alg = sum(r["weight"] * r["copy_ms"] * r["f_alg"] / r["f"] for r in mine)
         k = 1.5 if pass_ == "bwd" else 1.0
         tms = tot.get(("torch", pass_, lay, alloc))
         table.add_row(pass_, lay, alloc, f"{ms:.1f}", f"{k * copy / ms:.2f}",
+                      f"{k * copy_alg / ms:.2f}",
                       f"{tms:.1f}" if tms else "-", f"{k * copy / tms:.2f}" if tms else "-",
+                      f"{k * copy_alg / tms:.2f}" if tms else "-",
                       f"{tms / ms:.2f}x" if tms else "-", f"{copy:.1f}")
     console.print(table)
 
     detail = Table(title="per shape (median ms; f = fraction of the copy limit)")
     for col in ("group", "shape", "layout", "pass", "alloc", "provider", "ms", "spread",
-                "f", "vs torch"):
+                "f", "f_alg", "vs torch"):
         detail.add_column(col, justify="right")
     for r in rows:
         if r["group"] == "resnet50" and r["provider"] == "reference":
@@ -354,6 +432,7 @@ def _print(console, rows, cold, threads, batch, args, device, versions) -> None:
         detail.add_row(r["group"], r["shape"], r["layout"], r["pass_"], r["alloc"],
                        r["provider"], f"{r['median_ms']:.3f}",
                        f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", f"{r['f']:.2f}",
+                       f"{r['f_alg']:.2f}",
                        f"{r['speedup_vs_torch']:.2f}x")
     console.print(detail)
     tiny = [r for r in rows if r["group"] == "tiny" and r["provider"] == "batchnorm-cpu"

@@ -50,6 +50,7 @@ NP = 6
 # what one channel block of the cmajor kernels may hold of the arrays it reads (L2 share)
 BLOCK_BYTES = 1 << 18
 ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
+SHORT_RUN = 256  # cmajor runs up to this long are summed in x's dtype (then float64)
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
@@ -104,17 +105,32 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt):
         c1 = min(nc, c0 + cb)
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
-        for a in range(na):
-            for c in range(c0, c1):
-                k = x[0, c, 0]
-                t1 = 0.0
-                t2 = 0.0
-                for b in range(nb_):
-                    d = np.float64(x[a, c, b] - k)
-                    t1 += d
-                    t2 += d * d
-                s1[c - c0] += t1
-                s2[c - c0] += t2
+        if nb_ <= SHORT_RUN:
+            # short runs: sums in x's dtype (full SIMD width, no conversions), float64
+            # across runs, as the rows kernels do with ROWS_CHUNK rows
+            for a in range(na):
+                for c in range(c0, c1):
+                    k = x[0, c, 0]
+                    u1 = k - k
+                    u2 = k - k
+                    for b in range(nb_):
+                        e = x[a, c, b] - k
+                        u1 += e
+                        u2 += e * e
+                    s1[c - c0] += np.float64(u1)
+                    s2[c - c0] += np.float64(u2)
+        else:
+            for a in range(na):
+                for c in range(c0, c1):
+                    k = x[0, c, 0]
+                    t1 = 0.0
+                    t2 = 0.0
+                    for b in range(nb_):
+                        d = np.float64(x[a, c, b] - k)
+                        t1 += d
+                        t2 += d * d
+                    s1[c - c0] += t1
+                    s2[c - c0] += t2
         for c in range(c0, c1):
             _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, c, st, p)
             st[BAD, c] = 0.0
@@ -259,18 +275,33 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         s2 = np.zeros(c1 - c0)
         for c in range(c0, c1):
             p[MU_HI, c] = mean[c]
-        for a in range(na):
-            for c in range(c0, c1):
-                mh = p[MU_HI, c]
-                ml = mean[c] - np.float64(mh)
-                t1 = 0.0
-                t2 = 0.0
-                for b in range(nb_):
-                    g = np.float64(dy[a, c, b])
-                    t1 += g
-                    t2 += g * (np.float64(x[a, c, b] - mh) - ml)
-                s1[c - c0] += t1
-                s2[c - c0] += t2
+        if nb_ <= SHORT_RUN:
+            # as in the forward: x's dtype within a run, float64 across; sum g * (x - mu_hi)
+            # and subtract mu_lo * sum g once per run
+            for a in range(na):
+                for c in range(c0, c1):
+                    mh = p[MU_HI, c]
+                    u1 = mh - mh
+                    u2 = mh - mh
+                    for b in range(nb_):
+                        h = dy[a, c, b]
+                        u1 += h
+                        u2 += h * (x[a, c, b] - mh)
+                    s1[c - c0] += np.float64(u1)
+                    s2[c - c0] += np.float64(u2) - (mean[c] - np.float64(mh)) * np.float64(u1)
+        else:
+            for a in range(na):
+                for c in range(c0, c1):
+                    mh = p[MU_HI, c]
+                    ml = mean[c] - np.float64(mh)
+                    t1 = 0.0
+                    t2 = 0.0
+                    for b in range(nb_):
+                        g = np.float64(dy[a, c, b])
+                        t1 += g
+                        t2 += g * (np.float64(x[a, c, b] - mh) - ml)
+                    s1[c - c0] += t1
+                    s2[c - c0] += t2
         for c in range(c0, c1):
             _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
                         mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)
