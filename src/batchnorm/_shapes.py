@@ -302,6 +302,7 @@ def writable_3d(arr: np.ndarray, layout: Layout) -> tuple[np.ndarray, bool]:
     return np.empty(layout.dims3, dtype=arr.dtype), False
 
 
+@np.errstate(over="ignore")  # a float32 -> float16 cast may overflow to inf: check_finite says so
 def from_3d(buf: np.ndarray, arr: np.ndarray, layout: Layout) -> None:
     """Copy a 3-d result back into ``arr`` (the inverse of :func:`as_3d`)."""
     if not layout.kept_adjacent:
