@@ -41,6 +41,12 @@ def test_verify_quick_prints_the_table_and_exits_zero(tmp_path):
     assert lines[0].startswith("case,") and len(lines) > 10
 
 
+def test_verify_one_layout():
+    r = run_cli("verify", "--quick", "--layout", "nhwc", "--no-torch")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "spatial nhwc train" in r.stdout and "nchw" not in r.stdout
+
+
 def test_verify_exits_one_on_a_mismatch(monkeypatch, capsys):
     from batchnorm import verify
 
