@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 import batchnorm as bn
 from batchnorm._shapes import as_3d, resolve_layout
 from batchnorm.backends import BackendUnavailable, select
+from conftest import assert_close, tolerance
 
 pytest.importorskip("numba")
 from batchnorm.backends import cpu  # noqa: E402  (needs numba)
 
-TOL = {np.float16: (2e-2, 2e-2), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
 SHAPES = {2: (7, 5), 3: (4, 3, 9), 4: (3, 4, 5, 6), 5: (2, 3, 4, 2, 3)}
 LAYOUTS = {  # name -> (mode, channel_axis)
     "nchw": ("spatial", 1),
@@ -34,15 +34,9 @@ def parallel(monkeypatch):
 
 
 def close(got, want, dtype, what, spread=1.0):
-    """allclose; ``spread`` scales atol for inputs whose offset dwarfs their spread."""
-    atol, rtol = TOL[dtype]
-    atol *= spread
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    diff = np.abs(got - want)
-    ok = (diff <= atol + rtol * np.abs(want)) | (np.isnan(got) & np.isnan(want))
-    assert ok.all(), f"{what}: max diff {np.nanmax(diff):.3g}, mean diff {np.nanmean(diff):.3g}"
+    """assert_close; ``spread`` scales atol for inputs whose offset dwarfs their spread."""
+    atol, rtol = tolerance(dtype)
+    assert_close(got, want, atol=atol * spread, rtol=rtol, name=what)
 
 
 def data(shape, dtype, seed=0, loc=0.5, scale=2.0):
