@@ -47,11 +47,10 @@ _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 # rows of the per-channel parameter array p (x's dtype); INV doubles as the saved invstd
 MU_HI, MU_LO, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
 NP = 6
-# what one channel block of the cmajor kernels may hold of the arrays it reads (L2 share)
-BLOCK_BYTES = 1 << 18
+BLOCKS_PER_THREAD = 4  # at least this many cmajor channel blocks per thread (balance)
 ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
 WIDE_ROWS = 1024  # channels from which the rows statistics sweep 4 rows at once
-SHORT_RUN = 256  # cmajor runs up to this long are summed in x's dtype (then float64)
+RUN_CHUNK = 256  # cmajor run pieces summed in x's dtype before a float64 fold
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 
@@ -83,55 +82,47 @@ def _finish_stats(s1, s2, k, m, eps, c, st, p):
 
 
 @nb.njit(**_OPTS)
-def _channel_block(na, nc, nb_, nbytes, nt):
-    """Channels per cmajor block: as many as fit BLOCK_BYTES (nbytes per element read), but
-    enough blocks (4 per thread) to balance the threads."""
-    fit = BLOCK_BYTES // max(1, na * nb_ * nbytes)
-    return max(1, min(fit, nc // (4 * nt)))
+def _channel_block(na, nc, nb_, nbytes, nt, block):
+    """Channels per cmajor block: as many as fit ``block`` bytes (nbytes per element read),
+    but enough blocks (BLOCKS_PER_THREAD per thread) to balance the threads."""
+    fit = block // max(1, na * nb_ * nbytes)
+    return max(1, min(fit, nc // (BLOCKS_PER_THREAD * nt)))
 
 
-def fwd_train_cmajor(x, eps, y, st, p, check, nt):
+def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
     """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
     The block's slice stays in cache between the two passes; for each a its channels' runs
     are one contiguous segment, so short runs (small H*W) still stream.
     Args: x, y [A, C, B]; st [4, C] float64 out (mean, biased var, invstd, bad); p [NP, C]
-    of x's dtype, rows SCALE and SHIFT holding gamma and beta on entry; nt threads.
+    of x's dtype, rows SCALE and SHIFT holding gamma and beta on entry; nt threads; block:
+    the bytes of x one block may span (see ``cpu._block_bytes``).
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    cb = _channel_block(na, nc, nb_, x.itemsize, nt)
+    cb = _channel_block(na, nc, nb_, x.itemsize, nt, block)
     for blk in prange((nc + cb - 1) // cb):
         c0 = blk * cb
         c1 = min(nc, c0 + cb)
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
-        if nb_ <= SHORT_RUN:
-            # short runs: sums in x's dtype (full SIMD width, no conversions), float64
-            # across runs, as the rows kernels do with ROWS_CHUNK rows
-            for a in range(na):
-                for c in range(c0, c1):
-                    k = x[0, c, 0]
+        # sums in x's dtype (full SIMD width, no conversions) over at most RUN_CHUNK
+        # elements of a run, float64 across them, as the rows kernels do with ROWS_CHUNK rows
+        for a in range(na):
+            for c in range(c0, c1):
+                k = x[0, c, 0]
+                run = x[a, c]
+                for b0 in range(0, nb_, RUN_CHUNK):
+                    # a slice, not range(b0, min(...)): that bound stops LLVM vectorizing
+                    seg = run[b0:b0 + RUN_CHUNK]
                     u1 = k - k
                     u2 = k - k
-                    for b in range(nb_):
-                        e = x[a, c, b] - k
+                    for b in range(seg.size):
+                        e = seg[b] - k
                         u1 += e
                         u2 += e * e
                     s1[c - c0] += np.float64(u1)
                     s2[c - c0] += np.float64(u2)
-        else:
-            for a in range(na):
-                for c in range(c0, c1):
-                    k = x[0, c, 0]
-                    t1 = 0.0
-                    t2 = 0.0
-                    for b in range(nb_):
-                        d = np.float64(x[a, c, b] - k)
-                        t1 += d
-                        t2 += d * d
-                    s1[c - c0] += t1
-                    s2[c - c0] += t2
         for c in range(c0, c1):
             _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, c, st, p)
             st[BAD, c] = 0.0
@@ -278,16 +269,17 @@ def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
     p[K3, c] = k3 - np.float64(p[SHIFT, c]) * ml
 
 
-def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
+def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
     """Per block of cb channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
     Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
-    dgb [2, C] float64 out (dgamma, dbeta); p [NP, C] scratch of x's dtype; nt threads.
+    dgb [2, C] float64 out (dgamma, dbeta); p [NP, C] scratch of x's dtype; nt threads;
+    block: the bytes of x and dy one block may span.
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    cb = _channel_block(na, nc, nb_, 2 * x.itemsize, nt)
+    cb = _channel_block(na, nc, nb_, 2 * x.itemsize, nt, block)
     for blk in prange((nc + cb - 1) // cb):
         c0 = blk * cb
         c1 = min(nc, c0 + cb)
@@ -295,33 +287,25 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         s2 = np.zeros(c1 - c0)
         for c in range(c0, c1):
             p[MU_HI, c] = mean[c]
-        if nb_ <= SHORT_RUN:
-            # as in the forward: x's dtype within a run, float64 across; sum g * (x - mu_hi)
-            # and subtract mu_lo * sum g once per run
-            for a in range(na):
-                for c in range(c0, c1):
-                    mh = p[MU_HI, c]
+        # as in the forward: x's dtype within RUN_CHUNK pieces of a run, float64 across;
+        # sum g * (x - mu_hi) there and subtract mu_lo * sum g once per piece
+        for a in range(na):
+            for c in range(c0, c1):
+                mh = p[MU_HI, c]
+                ml = mean[c] - np.float64(mh)
+                grun = dy[a, c]
+                xrun = x[a, c]
+                for b0 in range(0, nb_, RUN_CHUNK):
+                    gs = grun[b0:b0 + RUN_CHUNK]
+                    xs = xrun[b0:b0 + RUN_CHUNK]
                     u1 = mh - mh
                     u2 = mh - mh
-                    for b in range(nb_):
-                        h = dy[a, c, b]
+                    for b in range(gs.size):
+                        h = gs[b]
                         u1 += h
-                        u2 += h * (x[a, c, b] - mh)
+                        u2 += h * (xs[b] - mh)
                     s1[c - c0] += np.float64(u1)
-                    s2[c - c0] += np.float64(u2) - (mean[c] - np.float64(mh)) * np.float64(u1)
-        else:
-            for a in range(na):
-                for c in range(c0, c1):
-                    mh = p[MU_HI, c]
-                    ml = mean[c] - np.float64(mh)
-                    t1 = 0.0
-                    t2 = 0.0
-                    for b in range(nb_):
-                        g = np.float64(dy[a, c, b])
-                        t1 += g
-                        t2 += g * (np.float64(x[a, c, b] - mh) - ml)
-                    s1[c - c0] += t1
-                    s2[c - c0] += t2
+                    s2[c - c0] += np.float64(u2) - ml * np.float64(u1)
         for c in range(c0, c1):
             _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
                         mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)

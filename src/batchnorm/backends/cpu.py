@@ -127,6 +127,51 @@ def _num_threads() -> int:
     return n
 
 
+def _cache_bytes(level: int) -> tuple[int, int] | None:
+    """(size, CPUs sharing it) of cpu0's unified cache at ``level`` from Linux sysfs, or None."""
+    import glob
+
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{d}/level") as f:
+                if int(f.read()) != level:
+                    continue
+            with open(f"{d}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{d}/size") as f:
+                size = f.read().strip()
+            with open(f"{d}/shared_cpu_list") as f:
+                shared = f.read().strip()
+        except (OSError, ValueError):
+            return None
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        ncpu = 0
+        for part in shared.split(","):
+            lo, _, hi = part.partition("-")
+            ncpu += int(hi or lo) - int(lo) + 1
+        return int(size.rstrip("KMG")) * mult, max(1, ncpu)
+    return None
+
+
+def _block_bytes() -> int:
+    """Bytes of x (and dy) one cmajor channel block may span: a quarter of a core's share of
+    the last-level cache, and no less than its L2.
+
+    Measured on a 2-core EPYC (1 MB L2, 32 MB L3): blocks that fit L2 (256 KB) ran NCHW
+    forward 2x slower on 28x28 layers than 4 MB blocks, whose second read comes from L3. A
+    channel's slice is ``N`` runs of ``H*W`` elements, so a small block means short segments
+    and a prefetcher restart at each; the L3 is fast enough for the second read.
+    """
+    l2 = _cache_bytes(2)
+    l3 = _cache_bytes(3)
+    floor = l2[0] if l2 else 1 << 20
+    share = l3[0] // l3[1] // 4 if l3 else 0
+    return max(floor, share)
+
+
+BLOCK_BYTES = _block_bytes()
+
 # (8, 64, 8, 8) (32768 elements) runs its serial kernel in ~7 us, about what two threads
 # take when both cores are idle and several times that when another process holds one.
 _SERIAL_BELOW = 1 << 16
@@ -192,7 +237,7 @@ def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, runni
     if yr is not None:
         fam.fwd_train_rows(xr, float(eps), yr, st, p, check, nt)
     else:
-        fam.fwd_train_cmajor(x3, float(eps), dst.view, st, p, check, nt)
+        fam.fwd_train_cmajor(x3, float(eps), dst.view, st, p, check, nt, BLOCK_BYTES)
     y = dst.finish()
 
     _update_running(running_mean, running_var, momentum, st, layout.count)
@@ -273,7 +318,7 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     if dxr is not None:
         fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, nt)
     else:
-        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, nt)
+        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, nt, BLOCK_BYTES)
     dx = dst.finish()
     dg = None if gamma is None else dgb[0].astype(sdt).reshape(pshape)
     return dx, dg, dgb[1].astype(sdt).reshape(pshape)
