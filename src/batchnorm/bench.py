@@ -39,6 +39,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from ._cache import cache_level
+
 # (channels, height = width) -> number of BN layers in ResNet-50 with that shape.
 RESNET50 = [((64, 112), 1), ((64, 56), 6), ((256, 56), 4), ((128, 56), 1), ((128, 28), 7),
             ((512, 28), 5), ((256, 28), 1), ((256, 14), 11), ((1024, 14), 7), ((512, 14), 1),
@@ -95,28 +97,9 @@ def _time(fn, reps: int, pause: float = 0.0) -> list[float]:
 
 
 def _cache_per_thread(threads: int) -> int:
-    """Bytes of cache one thread may count on: its L2 plus a share of the shared levels."""
-    total = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in sorted(os.listdir(base)):
-            if not entry.startswith("index"):  # also holds files such as uevent
-                continue
-            d = os.path.join(base, entry)
-            with open(os.path.join(d, "type")) as fh:
-                if fh.read().strip() == "Instruction":
-                    continue
-            with open(os.path.join(d, "level")) as fh:
-                level = int(fh.read())
-            with open(os.path.join(d, "size")) as fh:
-                size = fh.read().strip()
-            nbytes = int(size[:-1]) * 1024 if size.endswith("K") else int(size)
-            if level == 2:
-                total += nbytes
-            elif level >= 3:
-                total += nbytes // threads
-    except (OSError, ValueError):
-        return 1 << 20
+    """Bytes of cache one thread may count on: its L2 plus its share of the L3."""
+    l2, l3 = cache_level(2), cache_level(3)
+    total = (l2[0] if l2 else 0) + (l3[0] // threads if l3 else 0)
     return total or 1 << 20
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._cache import cache_level
 from .._shapes import Layout, as_3d, from_3d, stats_dtype
 
 try:
@@ -127,33 +128,6 @@ def _num_threads() -> int:
     return n
 
 
-def _cache_bytes(level: int) -> tuple[int, int] | None:
-    """(size, CPUs sharing it) of cpu0's unified cache at ``level`` from Linux sysfs, or None."""
-    import glob
-
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
-        try:
-            with open(f"{d}/level") as f:
-                if int(f.read()) != level:
-                    continue
-            with open(f"{d}/type") as f:
-                if f.read().strip() == "Instruction":
-                    continue
-            with open(f"{d}/size") as f:
-                size = f.read().strip()
-            with open(f"{d}/shared_cpu_list") as f:
-                shared = f.read().strip()
-        except (OSError, ValueError):
-            return None
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        ncpu = 0
-        for part in shared.split(","):
-            lo, _, hi = part.partition("-")
-            ncpu += int(hi or lo) - int(lo) + 1
-        return int(size.rstrip("KMG")) * mult, max(1, ncpu)
-    return None
-
-
 def _block_bytes() -> int:
     """Bytes of x (and dy) one cmajor channel block may span: a quarter of a core's share of
     the last-level cache, and no less than its L2.
@@ -163,8 +137,8 @@ def _block_bytes() -> int:
     channel's slice is ``N`` runs of ``H*W`` elements, so a small block means short segments
     and a prefetcher restart at each; the L3 is fast enough for the second read.
     """
-    l2 = _cache_bytes(2)
-    l3 = _cache_bytes(3)
+    l2 = cache_level(2)
+    l3 = cache_level(3)
     floor = l2[0] if l2 else 1 << 20
     share = l3[0] // l3[1] // 4 if l3 else 0
     return max(floor, share)
