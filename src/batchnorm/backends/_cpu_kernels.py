@@ -82,6 +82,22 @@ def _finish_stats(s1, s2, k, m, eps, c, st, p):
 
 
 @nb.njit(**_OPTS)
+def inference_consts(mean, var, gamma, beta, eps, p):
+    """Inference apply constants into p from given statistics (float64 arrays; gamma and
+    beta empty for no affine): scale = gamma / sqrt(var + eps), 0 where var + eps == 0."""
+    for c in range(p.shape[1]):
+        den = var[c] + eps
+        inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
+        sc = inv * gamma[c] if gamma.size else inv
+        mu = mean[c]
+        p[MU_HI, c] = mu
+        p[SCALE, c] = sc
+        # (x - mu_hi) * scale + (beta - mu_lo * scale), the low part folded in float64
+        sh = -(mu - np.float64(p[MU_HI, c])) * np.float64(p[SCALE, c])
+        p[SHIFT, c] = sh + beta[c] if beta.size else sh
+
+
+@nb.njit(**_OPTS)
 def _channel_block(na, nc, nb_, nbytes, nt, block):
     """Channels per cmajor block: as many as fit ``block`` bytes (nbytes per element read),
     but enough blocks (BLOCKS_PER_THREAD per thread) to balance the threads."""

@@ -238,17 +238,9 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
     if x.size == 0:
         return np.empty_like(x) if out is None else out
     x3 = _compute_view(x, layout)
-    dt = x3.dtype
-    mu = _f64(mean, nc)
-    den = _f64(var, nc) + eps
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(den == 0.0, 0.0, 1.0 / np.sqrt(den))
-    p = np.zeros((K.NP, nc), dtype=dt)
-    p[K.MU_HI] = mu
-    p[K.SCALE] = inv if gamma is None else _f64(gamma, nc) * inv
-    # (x - mu_hi) * scale + (beta - mu_lo * scale), the low part folded in float64
-    shift = -(mu - p[K.MU_HI]) * p[K.SCALE]
-    p[K.SHIFT] = shift if beta is None else shift + _f64(beta, nc)
+    p = np.empty((K.NP, nc), dtype=x3.dtype)
+    K.inference_consts(_f64(mean, nc), _f64(var, nc), _f64(gamma, nc), _f64(beta, nc),
+                       float(eps), p)
     dst = _Output(x, out, layout)
     fam, nt = _family(x3)
     xr = _rows(x3)
