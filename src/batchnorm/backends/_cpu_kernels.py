@@ -98,15 +98,19 @@ def inference_consts(mean, var, gamma, beta, eps, p):
 
 
 @nb.njit(**_OPTS)
-def _channel_block(na, nc, nb_, nbytes, nt, block):
-    """Channels per cmajor block: as many as fit ``block`` bytes (nbytes per element read),
-    but enough blocks (BLOCKS_PER_THREAD per thread) to balance the threads."""
-    fit = block // max(1, na * nb_ * nbytes)
-    return max(1, min(fit, nc // (BLOCKS_PER_THREAD * nt)))
+def _channel_blocks(na, nc, nb_, nbytes, nt, block):
+    """How many cmajor blocks to cut the channels into: enough that each fits ``block``
+    bytes (nbytes per element read), at least BLOCKS_PER_THREAD per thread, and a multiple
+    of the thread count. Block i holds channels [i*nc//n, (i+1)*nc//n), so the threads'
+    shares differ by at most one channel a block."""
+    fit = max(1, block // max(1, na * nb_ * nbytes))
+    n = max((nc + fit - 1) // fit, BLOCKS_PER_THREAD * nt)
+    n = (n + nt - 1) // nt * nt
+    return max(1, min(n, nc))
 
 
 def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
-    """Per block of cb channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
+    """Per block of channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
     The block's slice stays in cache between the two passes; for each a its channels' runs
     are one contiguous segment, so short runs (small H*W) still stream.
@@ -116,10 +120,10 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    cb = _channel_block(na, nc, nb_, x.itemsize, nt, block)
-    for blk in prange((nc + cb - 1) // cb):
-        c0 = blk * cb
-        c1 = min(nc, c0 + cb)
+    nblk = _channel_blocks(na, nc, nb_, x.itemsize, nt, block)
+    for blk in prange(nblk):
+        c0 = blk * nc // nblk
+        c1 = (blk + 1) * nc // nblk
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
         # sums in x's dtype (full SIMD width, no conversions) over at most RUN_CHUNK
@@ -286,7 +290,7 @@ def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
 
 
 def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
-    """Per block of cb channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
+    """Per block of channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
 
     dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
     Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
@@ -295,10 +299,10 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
     """
     na, nc, nb_ = x.shape
     m = na * nb_
-    cb = _channel_block(na, nc, nb_, 2 * x.itemsize, nt, block)
-    for blk in prange((nc + cb - 1) // cb):
-        c0 = blk * cb
-        c1 = min(nc, c0 + cb)
+    nblk = _channel_blocks(na, nc, nb_, 2 * x.itemsize, nt, block)
+    for blk in prange(nblk):
+        c0 = blk * nc // nblk
+        c1 = (blk + 1) * nc // nblk
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
         for c in range(c0, c1):
