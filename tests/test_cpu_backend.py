@@ -147,9 +147,10 @@ def test_out(out_kind, layout):
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1), (1, 1, 1023), (7, 11, 13), (2, 3, 1),
-                                   (1, 5, 2), (13, 1), (3, 37, 5), (6, 5, 7, 7)],
+                                   (1, 5, 2), (13, 1), (3, 37, 5), (6, 5, 7, 7),
+                                   (2, 3, 3, 1030)],
                          ids=["size1", "near-pow2", "primes", "B1", "N1", "C1", "blocks",
-                              "short-runs"])
+                              "short-runs", "wide-rows"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
 def test_named_shapes(shape, layout, parallel):
     mode, axis = LAYOUTS[layout]

@@ -363,13 +363,31 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         t1 = np.zeros_like(mh)
         t2 = np.zeros_like(mh)
         for q0 in range(r0, r1, ROWS_CHUNK):
+            q1 = min(q0 + ROWS_CHUNK, r1)
             t1[:] = 0
             t2[:] = 0
-            for r in range(q0, min(q0 + ROWS_CHUNK, r1)):
+            r = q0
+            if nc >= WIDE_ROWS:  # as in fwd_train_rows: 4 rows a sweep on wide rows
+                while r + 4 <= q1:
+                    g0 = dy[r]
+                    g1 = dy[r + 1]
+                    g2 = dy[r + 2]
+                    g3 = dy[r + 3]
+                    x0 = x[r]
+                    x1 = x[r + 1]
+                    x2 = x[r + 2]
+                    x3 = x[r + 3]
+                    for c in range(nc):
+                        m = mh[c]
+                        t1[c] += (g0[c] + g1[c]) + (g2[c] + g3[c])
+                        t2[c] += ((g0[c] * (x0[c] - m) + g1[c] * (x1[c] - m))
+                                  + (g2[c] * (x2[c] - m) + g3[c] * (x3[c] - m)))
+                    r += 4
+            for rr in range(r, q1):
                 for c in range(nc):
-                    g = dy[r, c]
+                    g = dy[rr, c]
                     t1[c] += g
-                    t2[c] += g * (x[r, c] - mh[c])
+                    t2[c] += g * (x[rr, c] - mh[c])
             for c in range(nc):
                 s1[c] += np.float64(t1[c])
                 s2[c] += np.float64(t2[c]) - ml[c] * np.float64(t1[c])
