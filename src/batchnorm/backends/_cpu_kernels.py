@@ -298,7 +298,8 @@ def affine_cmajor(x, p, y):
 def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
     """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu_hi) + k3 constants into p.
 
-    k3 absorbs -k2 * mu_lo (ml), as the forward's shift does.
+    k3 absorbs -k2 * mu_lo (ml), as the forward's shift does; FOLD holds the constant of
+    the folded form dx = k1*dy + k2*x + fold (see apply_rows).
     """
     dg = sdx * inv
     dgb[0, c] = dg
@@ -307,7 +308,9 @@ def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
     p[SCALE, c] = k1
     p[SHIFT, c] = -k1 * inv * dg / m if training else 0.0
     k3 = -k1 * sd / m if training else 0.0
-    p[K3, c] = k3 - np.float64(p[SHIFT, c]) * ml
+    k2 = np.float64(p[SHIFT, c])
+    p[K3, c] = k3 - k2 * ml
+    p[FOLD, c] = k3 - k2 * (np.float64(p[MU_HI, c]) + ml)
 
 
 def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
@@ -424,10 +427,21 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
     k1 = p[SCALE]
     k2 = p[SHIFT]
     k3 = p[K3]
+    fo = p[FOLD]
+    # as in apply_rows: one constant less when |mean| <= FOLD_LIMIT sigma in every channel,
+    # where rounding k3 - k2*mean costs no more than the k2 term's own rounding
+    fold = True
+    for c in range(nc):
+        if abs(mean[c]) * invstd[c] > FOLD_LIMIT:
+            fold = False
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
-        if training:
+        if training and fold:
+            for r in range(r0, r1):
+                for c in range(nc):
+                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * x[r, c] + fo[c]
+        elif training:
             for r in range(r0, r1):
                 for c in range(nc):
                     dx[r, c] = k1[c] * dy[r, c] + k2[c] * (x[r, c] - mh[c]) + k3[c]
