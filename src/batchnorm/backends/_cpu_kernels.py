@@ -3,18 +3,21 @@
 Two data orders, two kernel families:
 
 * ``*_cmajor`` (B > 1, e.g. NCHW): a channel's values are ``A`` runs of ``B`` contiguous
-  elements. Threads take whole channels; a channel's statistics are taken in one read and
-  the channel is normalized right after, while its slice is still in this core's cache
-  (the ``spatial_persistent`` algorithm; ``spatial`` is the same code).
+  elements. Threads take blocks of whole channels sized to a share of the cache; a block's
+  statistics are taken in one read and the block is normalized right after, while its
+  slice is still in this core's cache (the ``spatial_persistent`` algorithm; ``spatial``
+  is the same code).
 * ``*_rows`` (channels-last and per-activation, a ``(rows, C)`` matrix with C contiguous):
   threads take blocks of rows and keep per-thread partial sums of length C (vectorized
   across channels), merged once; the apply pass then revisits the same rows on the same
   thread, so its second read of x comes from that thread's cache when the block fits.
 
-Statistics are shifted sums in float64 of ``d = x - k`` (``k`` a value of the channel,
-subtracted in x's dtype: exact by Sterbenz's lemma when x is within a factor 2 of k, and
-otherwise rounded relative to d itself). ``var = E[d^2] - E[d]^2`` then loses at most
-``((mu-k)/sigma)^2`` of float64's 53 bits, and a constant channel gives exactly 0.
+Statistics are shifted sums of ``d = x - k`` (``k`` a value of the channel, subtracted in
+x's dtype: exact by Sterbenz's lemma when x is within a factor 2 of k, and otherwise rounded
+relative to d itself), summed in x's dtype over short pieces (RUN_CHUNK elements of a run,
+ROWS_CHUNK rows), where SIMD lanes keep each partial to a few terms, and in float64 across
+pieces. ``var = E[d^2] - E[d]^2`` then loses at most ``((mu-k)/sigma)^2`` of float64's 53
+bits, and a constant channel gives exactly 0.
 
 The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
 the mean split in two: ``y = (x - mu_hi) * scale + (beta - mu_lo * scale)`` where ``mu_hi``
