@@ -268,6 +268,13 @@ def test_check_finite_catches_output_overflow():
     gamma = np.array([1, 1, 3e38, 1], np.float32)
     with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
         bn.forward_training(x, gamma, None, check_finite=True, backend="cpu")
+    # channels-last with every mean exactly 0 (small integers and their negatives): the
+    # rows apply takes its folded form, y = x * scale + shift, and must flag it there too
+    half = np.arange(1, 25, dtype=np.float32).reshape(3, 2, 4) % 5 + 1
+    xl = np.concatenate([half, -half])
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
+        bn.forward_training(xl, gamma, None, channel_axis=-1, check_finite=True,
+                            backend="cpu")
     x16 = data((6, 4, 5), np.float16)
     with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
         bn.forward_training(x16, np.array([1, 1, 6e4, 1], np.float16), None,
@@ -337,17 +344,18 @@ def _oracle(x64):
 
 
 @pytest.mark.parametrize("case", ["offset1e3", "offset1e5", "offset1e6", "tiny_std",
-                                  "constant"])
+                                  "constant", "centered"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(8, 4, 16, 16), (2, 4, 40, 40), (9, 4, 7, 7)],
                          ids=["hw256", "hw1600", "hw49"])
 def test_accuracy_vs_torch(case, layout, shape):
     # NCHW runs: hw1600 longer than RUN_CHUNK, summed in float32 pieces folded in float64;
-    # hw49 short, summed 4 samples at a time (9 samples: two sweeps of 4 and one left over)
+    # hw49 short runs. "centered" keeps |mean / sigma| < 1, where the channels-last apply
+    # folds the mean into its shift: the ulp bound below covers that form too
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     loc, std = {"offset1e3": (1e3, 1.0), "offset1e5": (1e5, 1.0), "offset1e6": (1e6, 1.0),
-                "tiny_std": (1.0, 1e-3), "constant": (7.3, 0.0)}[case]
+                "tiny_std": (1.0, 1e-3), "constant": (7.3, 0.0), "centered": (0.5, 2.0)}[case]
     x = (rng.standard_normal(shape) * std + loc).astype(np.float32)
     eps = 1e-5
     x64 = x.astype(np.float64)
@@ -383,6 +391,46 @@ def test_accuracy_vs_torch(case, layout, shape):
     # one float32 rounding of the stored value on top of torch's error
     assert err_var_ours <= err_var_torch + 2.0**-24 * unbiased.max(), (err_var_ours,
                                                                        err_var_torch)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+@pytest.mark.parametrize("hw", [32, 7])
+def test_outlying_first_value(layout, hw, parallel):
+    # the kernels shift each channel by a value near its start; one far off (300 sigma)
+    # must not cost the float32 partial sums their bits (they are taken again around the
+    # mean): statistics to a few float32 ulps of the float64 reference
+    mode, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 4, hw, hw)).astype(np.float32)
+    x[0, :, 0, 0] = 300.0
+    if axis == -1:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    y, s = bn.forward_training(x, None, None, mode=mode, channel_axis=axis, backend="cpu")
+    yr, sr = bn.forward_training(x.astype(np.float64), None, None, mode=mode,
+                                 channel_axis=axis, backend="reference")
+    ulp = 2.0**-24
+    assert np.abs(s.invstd / sr.invstd - 1).max() <= 8 * ulp
+    assert np.abs(s.mean - sr.mean).max() <= 8 * ulp * np.abs(sr.mean).max() + 1e-7
+    assert np.abs(y - yr).max() <= 8 * ulp * np.abs(yr).max()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("hw", [300, 20])
+def test_backward_dbeta_with_infinite_mean(layout, hw):
+    # dbeta = sum(dy) does not depend on the saved mean: an infinite one must not poison it
+    mode, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 2, hw)).astype(np.float32)
+    x[1, 0, 7] = np.inf
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    if axis == -1:
+        x, dy = (np.ascontiguousarray(a.transpose(0, 2, 1)) for a in (x, dy))
+    _, s = bn.forward_training(x, None, None, mode=mode, channel_axis=axis,
+                               backend="reference")
+    assert np.isinf(s.mean[0])
+    db = bn.backward(dy, x, None, s, mode=mode, channel_axis=axis, backend="cpu")[2]
+    want = bn.backward(dy, x, None, s, mode=mode, channel_axis=axis, backend="reference")[2]
+    close(db, want, np.float32, "dbeta")
 
 
 # --- concurrency -----------------------------------------------------------------------

@@ -12,12 +12,14 @@ Two data orders, two kernel families:
   across channels), merged once; the apply pass then revisits the same rows on the same
   thread, so its second read of x comes from that thread's cache when the block fits.
 
-Statistics are shifted sums of ``d = x - k`` (``k`` a value of the channel, subtracted in
-x's dtype: exact by Sterbenz's lemma when x is within a factor 2 of k, and otherwise rounded
-relative to d itself), summed in x's dtype over short pieces (RUN_CHUNK elements of a run,
+Statistics are shifted sums of ``d = x - k`` (``k`` in x's dtype near the channel's start:
+its first value for cmajor, the mean of its first ROWS_CHUNK rows for rows; ``x - k`` is
+exact by Sterbenz's lemma when x is within a factor 2 of k, and otherwise rounded relative
+to d itself), summed in x's dtype over short pieces (RUN_CHUNK elements of a run,
 ROWS_CHUNK rows), where SIMD lanes keep each partial to a few terms, and in float64 across
-pieces. ``var = E[d^2] - E[d]^2`` then loses at most ``((mu-k)/sigma)^2`` of float64's 53
-bits, and a constant channel gives exactly 0.
+pieces. ``var = E[d^2] - E[d]^2`` magnifies the partials' rounding by
+``1 + ((mu-k)/sigma)^2``; when that exceeds 1 + REFINE (an outlying first value) the
+channel's sums are taken again around its mean. A constant channel gives exactly 0.
 
 The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
 the mean split in two: ``y = (x - mu_hi) * scale + (beta - mu_lo * scale)`` where ``mu_hi``
@@ -56,6 +58,9 @@ NP = 6
 FOLD_LIMIT = 1.0  # the rows apply folds mu into the shift when all |mu_hi * scale| <= this
 BLOCKS_PER_THREAD = 4  # at least this many cmajor channel blocks per thread (balance)
 ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
+# a shift further than this many variances (squared sigmas) from the mean costs more than
+# 4 of the float32 partials' 24 bits: the channel's sums are then taken again around its mean
+REFINE = 16.0
 WIDE_ROWS = 1024  # channels from which the rows statistics sweep 4 rows at once
 RUN_CHUNK = 256  # cmajor run pieces summed in x's dtype before a float64 fold
 # rows of the float64 statistics array st
@@ -118,6 +123,35 @@ def _channel_blocks(na, nc, nb_, nbytes, nt, block):
     return max(1, min(n, nc))
 
 
+@nb.njit(**_OPTS)
+def _channel_sums(x, c, k):
+    """Shifted sums (float64) of channel c of a cmajor x around k (x's dtype), in pieces."""
+    na, _, nb_ = x.shape
+    zero = np.zeros(1, x.dtype)[0]
+    s1 = 0.0
+    s2 = 0.0
+    for a in range(na):
+        run = x[a, c]
+        for b0 in range(0, nb_, RUN_CHUNK):
+            seg = run[b0:b0 + RUN_CHUNK]
+            u1 = zero
+            u2 = zero
+            for b in range(seg.size):
+                e = seg[b] - k
+                u1 += e
+                u2 += e * e
+            s1 += np.float64(u1)
+            s2 += np.float64(u2)
+    return s1, s2
+
+
+@nb.njit(**_OPTS)
+def _needs_refine(s1, s2, m):
+    """True when the shift of these sums sits over sqrt(REFINE) sigmas from the mean."""
+    dm = s1 / m
+    return dm * dm > REFINE * (s2 / m - dm * dm)
+
+
 def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
     """Per block of channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
 
@@ -129,6 +163,7 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
     """
     na, nc, nb_ = x.shape
     m = na * nb_
+    zero = np.zeros(1, x.dtype)[0]
     nblk = _channel_blocks(na, nc, nb_, x.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
@@ -144,8 +179,8 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
                 for b0 in range(0, nb_, RUN_CHUNK):
                     # a slice, not range(b0, min(...)): that bound stops LLVM vectorizing
                     seg = run[b0:b0 + RUN_CHUNK]
-                    u1 = k - k
-                    u2 = k - k
+                    u1 = zero
+                    u2 = zero
                     for b in range(seg.size):
                         e = seg[b] - k
                         u1 += e
@@ -153,7 +188,14 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
                     s1[c - c0] += np.float64(u1)
                     s2[c - c0] += np.float64(u2)
         for c in range(c0, c1):
-            _finish_stats(s1[c - c0], s2[c - c0], np.float64(x[0, c, 0]), m, eps, c, st, p)
+            k = np.float64(x[0, c, 0])
+            t1 = s1[c - c0]
+            t2 = s2[c - c0]
+            if _needs_refine(t1, t2, m):  # an outlying first value: again around the mean
+                p[MU_HI, c] = k + t1 / m
+                t1, t2 = _channel_sums(x, c, p[MU_HI, c])
+                k = np.float64(p[MU_HI, c])
+            _finish_stats(t1, t2, k, m, eps, c, st, p)
             st[BAD, c] = 0.0
         for a in range(na):
             for c in range(c0, c1):
@@ -178,56 +220,78 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
     """
     nr, nc = x.shape
     nt = max(1, min(nt, nr))
-    kx = x[0]  # the shifts: the first row
-    part = np.zeros((nt, 2, nc))
-    for t in prange(nt):
-        r0 = t * nr // nt
-        r1 = (t + 1) * nr // nt
-        s1 = np.zeros(nc)
-        s2 = np.zeros(nc)
-        # x's dtype within chunks of ROWS_CHUNK rows (twice the lanes of float64 for
-        # float32), float64 across chunks: a float32 partial sums at most 16 shifted values
-        t1 = np.zeros_like(kx)
-        t2 = np.zeros_like(kx)
-        for q0 in range(r0, r1, ROWS_CHUNK):
-            q1 = min(q0 + ROWS_CHUNK, r1)
-            t1[:] = 0
-            t2[:] = 0
-            r = q0
-            if nc >= WIDE_ROWS:
-                # wide rows: 4 rows per sweep quarter the partials' loads and stores, which
-                # otherwise bound this loop (measured ~2x faster at C >= 1024; slower at C <= 256)
-                while r + 4 <= q1:
-                    x0 = x[r]
-                    x1 = x[r + 1]
-                    x2 = x[r + 2]
-                    x3 = x[r + 3]
-                    for c in range(nc):
-                        k = kx[c]
-                        d0 = x0[c] - k
-                        d1 = x1[c] - k
-                        d2 = x2[c] - k
-                        d3 = x3[c] - k
-                        t1[c] += (d0 + d1) + (d2 + d3)
-                        t2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                    r += 4
-            for rr in range(r, q1):
-                for c in range(nc):
-                    d = x[rr, c] - kx[c]
-                    t1[c] += d
-                    t2[c] += d * d
-            for c in range(nc):
-                s1[c] += np.float64(t1[c])
-                s2[c] += np.float64(t2[c])
-        part[t, 0, :] = s1
-        part[t, 1, :] = s2
+    # the shifts: the mean of the first rows (one row would do for exactness, but an
+    # outlying first row would cost float32 bits; see REFINE)
+    kx = np.empty(nc, x.dtype)
+    nk = min(nr, ROWS_CHUNK)
     for c in range(nc):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(nt):
-            s1 += part[t, 0, c]
-            s2 += part[t, 1, c]
-        _finish_stats(s1, s2, np.float64(kx[c]), nr, eps, c, st, p)
+        a = 0.0
+        for r in range(nk):
+            a += np.float64(x[r, c])
+        kx[c] = a / nk
+    part = np.zeros((nt, 2, nc))
+    tot = np.empty((2, nc))
+    for attempt in range(2):
+        for t in prange(nt):
+            r0 = t * nr // nt
+            r1 = (t + 1) * nr // nt
+            s1 = np.zeros(nc)
+            s2 = np.zeros(nc)
+            # x's dtype within chunks of ROWS_CHUNK rows (twice the lanes of float64 for
+            # float32), float64 across chunks: a float32 partial sums at most 16 values
+            t1 = np.zeros_like(kx)
+            t2 = np.zeros_like(kx)
+            for q0 in range(r0, r1, ROWS_CHUNK):
+                q1 = min(q0 + ROWS_CHUNK, r1)
+                t1[:] = 0
+                t2[:] = 0
+                r = q0
+                if nc >= WIDE_ROWS:
+                    # wide rows: 4 rows per sweep quarter the partials' loads and stores,
+                    # which otherwise bound this loop (~2x faster at C >= 1024; slower at
+                    # C <= 256)
+                    while r + 4 <= q1:
+                        x0 = x[r]
+                        x1 = x[r + 1]
+                        x2 = x[r + 2]
+                        x3 = x[r + 3]
+                        for c in range(nc):
+                            k = kx[c]
+                            d0 = x0[c] - k
+                            d1 = x1[c] - k
+                            d2 = x2[c] - k
+                            d3 = x3[c] - k
+                            t1[c] += (d0 + d1) + (d2 + d3)
+                            t2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+                        r += 4
+                for rr in range(r, q1):
+                    for c in range(nc):
+                        d = x[rr, c] - kx[c]
+                        t1[c] += d
+                        t2[c] += d * d
+                for c in range(nc):
+                    s1[c] += np.float64(t1[c])
+                    s2[c] += np.float64(t2[c])
+            part[t, 0, :] = s1
+            part[t, 1, :] = s2
+        again = False
+        for c in range(nc):
+            s1 = 0.0
+            s2 = 0.0
+            for t in range(nt):
+                s1 += part[t, 0, c]
+                s2 += part[t, 1, c]
+            tot[0, c] = s1
+            tot[1, c] = s2
+            if attempt == 0 and _needs_refine(s1, s2, nr):
+                kx[c] = np.float64(kx[c]) + s1 / nr  # this channel's mean, x's dtype
+                again = True
+        if not again:
+            break
+        # a channel's shift was far from its mean: all sums again around the new shifts
+        # (the other channels' unchanged), a second read of x only such inputs pay
+    for c in range(nc):
+        _finish_stats(tot[0, c], tot[1, c], np.float64(kx[c]), nr, eps, c, st, p)
     apply_rows(x, p, y, st, check, nt)
 
 
@@ -326,6 +390,7 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
     """
     na, nc, nb_ = x.shape
     m = na * nb_
+    zero = np.zeros(1, x.dtype)[0]  # not mh - mh: NaN for an infinite mean
     nblk = _channel_blocks(na, nc, nb_, 2 * x.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
@@ -345,8 +410,8 @@ def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
                 for b0 in range(0, nb_, RUN_CHUNK):
                     gs = grun[b0:b0 + RUN_CHUNK]
                     xs = xrun[b0:b0 + RUN_CHUNK]
-                    u1 = mh - mh
-                    u2 = mh - mh
+                    u1 = zero
+                    u2 = zero
                     for b in range(gs.size):
                         h = gs[b]
                         u1 += h
