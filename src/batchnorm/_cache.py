@@ -9,10 +9,12 @@ from __future__ import annotations
 import glob
 import os
 
+SYSFS = "/sys/devices/system/cpu/cpu0/cache"
 
-def cache_level(level: int) -> tuple[int, int] | None:
+
+def cache_level(level: int, base: str = SYSFS) -> tuple[int, int] | None:
     """(bytes, CPUs sharing it) of cpu0's data or unified cache at ``level``, or None."""
-    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+    for d in sorted(glob.glob(os.path.join(base, "index*"))):
         try:
             if _read(d, "level") != str(level) or _read(d, "type") == "Instruction":
                 continue
@@ -25,7 +27,7 @@ def cache_level(level: int) -> tuple[int, int] | None:
                 ncpu += int(hi or lo) - int(lo) + 1
             return int(size.rstrip("KMG")) * mult, max(1, ncpu)
         except (OSError, ValueError):
-            return None
+            continue  # an unreadable or odd entry: try the next one
     return None
 
 
