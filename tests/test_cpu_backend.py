@@ -433,6 +433,27 @@ def test_backward_dbeta_with_infinite_mean(layout, hw):
     close(db, want, np.float32, "dbeta")
 
 
+@pytest.mark.parametrize("x_order", ["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_backward_dy_in_another_order(x_order, dtype, parallel):
+    # NCHW-shaped arrays, one stored channels-last and the other not (a channels-last
+    # network's gradient after an average pool): dy is reordered to x's order first.
+    # 20 channels and 35 positions: more than one 16 x 16 tile each way, with remainders
+    shape = (3, 20, 5, 7)
+    nchw = data(shape, np.float32, 1).astype(dtype)
+    last = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    g_nchw = data(shape, np.float32, 2).astype(dtype)
+    g_last = np.ascontiguousarray(g_nchw.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x, dy = (last, g_nchw) if x_order == "channels_last" else (nchw, g_last)
+    gamma = data((20,), np.float32, 3).astype(dtype)
+    _, s = bn.forward_training(x, gamma, None, backend="reference")
+    got = bn.backward(dy, x, gamma, s, backend="cpu")
+    want = bn.backward(dy, x, gamma, s, backend="reference")
+    for g, w, name in zip(got, want, ("dx", "dgamma", "dbeta"), strict=True):
+        close(g, w, dtype, name)
+    assert got[0].strides == x.strides  # dx keeps x's order
+
+
 # --- concurrency -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["serial", "parallel"])

@@ -57,6 +57,7 @@ MU_HI, FOLD, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
 NP = 6
 FOLD_LIMIT = 1.0  # the rows apply folds mu into the shift when all |mu_hi * scale| <= this
 BLOCKS_PER_THREAD = 4  # at least this many cmajor channel blocks per thread (balance)
+TILE = 16  # copy3's tile edge: 16 float32 are one 64-byte cache line
 ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
 # a shift further than this many variances (squared sigmas) from the mean costs more than
 # 4 of the float32 partials' 24 bits: the channel's sums are then taken again around its mean
@@ -519,6 +520,36 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
                     dx[r, c] = k1[c] * dy[r, c]
 
 
+def copy3(src, dst):
+    """dst[...] = src for two (A, C, B) views stored in different orders (a transpose).
+
+    Tiles of TILE x TILE (channel, position) keep both sides' cache lines in L1 while the
+    inner loop walks dst's contiguous axis; a plain strided copy reloads a line per element.
+    """
+    na, nc, nb_ = src.shape
+    ntc = (nc + TILE - 1) // TILE
+    ntb = (nb_ + TILE - 1) // TILE
+    c_inner = dst.strides[1] <= dst.strides[2]
+    for i in prange(na * ntc):
+        a = i // ntc
+        c0 = (i - a * ntc) * TILE
+        c1 = c0 + TILE
+        for j in range(ntb):
+            b0 = j * TILE
+            # slices, so that the loop indices start at 0 (Numba then skips the
+            # negative-index wraparound it otherwise checks on every access)
+            s = src[a, c0:c1, b0:b0 + TILE]
+            d = dst[a, c0:c1, b0:b0 + TILE]
+            if c_inner:
+                for b in range(s.shape[1]):
+                    for c in range(s.shape[0]):
+                        d[c, b] = s[c, b]
+            else:
+                for c in range(s.shape[0]):
+                    for b in range(s.shape[1]):
+                        d[c, b] = s[c, b]
+
+
 @nb.njit(**_OPTS)
 def update_running(rm, rv, st, momentum, unbias):
     """running = (1 - momentum) * running + momentum * batch, in place (var unbiased).
@@ -545,7 +576,7 @@ def _compile(fn, parallel: bool, extra: dict):
 
 def _family(parallel: bool) -> types.SimpleNamespace:
     ns = types.SimpleNamespace(apply_rows=_compile(apply_rows, parallel, {}))
-    for f in (fwd_train_cmajor, affine_cmajor, bwd_cmajor, bwd_rows):
+    for f in (fwd_train_cmajor, affine_cmajor, bwd_cmajor, bwd_rows, copy3):
         setattr(ns, f.__name__, _compile(f, parallel, {}))
     ns.fwd_train_rows = _compile(fwd_train_rows, parallel, {"apply_rows": ns.apply_rows})
     return ns
