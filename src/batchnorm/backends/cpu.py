@@ -101,11 +101,8 @@ def _rows(a3: np.ndarray):
     return None
 
 
-def _mismatched(x3: np.ndarray, dy3: np.ndarray) -> bool:
-    """True when x and dy would take different kernel families, or x's runs are contiguous
-    and dy's are not: the kernels then read dy with a stride."""
-    if (_rows(x3) is None) != (_rows(dy3) is None):
-        return True
+def _strided_runs(x3: np.ndarray, dy3: np.ndarray) -> bool:
+    """True when x's runs (the B axis) are contiguous and dy's are not."""
     it = x3.itemsize
     return x3.shape[2] > 1 and x3.strides[2] == it and dy3.strides[2] != it
 
@@ -283,20 +280,21 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     x3 = _compute_view(x, layout)
     dy3 = _compute_view(dy, layout)
     fam, nt = _family(x3)
-    if _mismatched(x3, dy3):
+    xr = _rows(x3)
+    dyr = _rows(dy3)
+    if (xr is None) != (dyr is None) or _strided_runs(x3, dy3):
         # dy stored in another order than x (a channels-last x with an NCHW gradient, as
-        # after an average pool): a tiled copy of dy into x's order (an input-sized
-        # temporary) and the fast kernels beat reading dy with a stride, ~6x
-        view = _compute_view(np.empty_like(x, dtype=dy3.dtype), layout)
-        fam.copy3(dy3, view)
-        dy3 = view
+        # after an average pool): dy is copied into x's order (an input-sized temporary)
+        # by tiles; with the fast kernels after it, (32, 32, 32, 32) takes 1.3 ms where
+        # reading dy with a stride took 1.7 ms (0.27 ms with both in one order)
+        src, dy3 = dy3, _compute_view(np.empty_like(x, dtype=dy3.dtype), layout)
+        fam.copy3(src, dy3)
+        dyr = _rows(dy3)
     dst = _Output(x, out, layout)
     dgb = np.empty((2, nc))
     p = np.empty((K.NP, nc), dtype=x3.dtype)
     args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), bool(training))
-    xr = _rows(x3)
-    dyr = None if xr is None else _rows(dy3)
-    dxr = None if dyr is None else _rows(dst.view)
+    dxr = None if xr is None or dyr is None else _rows(dst.view)
     if dxr is not None:
         fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, nt)
     else:
