@@ -27,6 +27,13 @@ LAYOUTS = {  # name -> (mode, channel_axis)
 }
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def either_family(request, monkeypatch):
+    """Run the test once with the serial kernels and once with the parallel ones."""
+    monkeypatch.setattr(cpu, "_SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
+    return request.param
+
+
 @pytest.fixture
 def parallel(monkeypatch):
     """Make every size take the parallel kernels (small inputs use the serial ones)."""
@@ -395,7 +402,7 @@ def test_accuracy_vs_torch(case, layout, shape):
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
 @pytest.mark.parametrize("hw", [32, 7])
-def test_outlying_first_value(layout, hw, parallel):
+def test_outlying_first_value(layout, hw, either_family):
     # the kernels shift each channel by a value near its start; one far off (300 sigma)
     # must not cost the float32 partial sums their bits (they are taken again around the
     # mean): statistics to a few float32 ulps of the float64 reference
@@ -435,7 +442,7 @@ def test_backward_dbeta_with_infinite_mean(layout, hw):
 
 @pytest.mark.parametrize("x_order", ["channels_last", "nchw"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_backward_dy_in_another_order(x_order, dtype, parallel):
+def test_backward_dy_in_another_order(x_order, dtype, either_family):
     # NCHW-shaped arrays, one stored channels-last and the other not (a channels-last
     # network's gradient after an average pool): dy is reordered to x's order first.
     # 20 channels and 35 positions: more than one 16 x 16 tile each way, with remainders
