@@ -48,7 +48,7 @@ def test_verify_one_layout():
 
 
 def test_verify_exits_one_on_a_mismatch(monkeypatch, capsys):
-    from batchnorm import verify
+    from batchnorm.cli import verify
 
     monkeypatch.setattr(verify, "TORCH_TOLERANCE", -1.0)   # every comparison now "fails"
     monkeypatch.setattr(verify, "FD_TOLERANCE", -1.0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import verify
+from batchnorm.cli import verify
 from conftest import assert_close
 
 CASES = verify.cases(quick=False)

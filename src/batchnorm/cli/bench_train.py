@@ -73,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     """Time both models; print the medians and the ratio; optionally append CSV rows."""
     import torch
 
-    from . import backends
-    from .torch import convert_model
+    from .. import backends
+    from ._console import console
+    from ..torch import convert_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -101,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["torch"] / med["batchnorm"]
     backend = backends.select("auto", x.numpy()).NAME
-    print(f"training step, batch {shape}, width {args.width}, {args.blocks} blocks, "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, "
-          f"{torch.get_num_threads()} threads, backend {backend!r}")
+    console(f"training step, batch {shape}, width {args.width}, {args.blocks} blocks, "
+            f"{'channels_last' if args.channels_last else 'NCHW'}, "
+            f"{torch.get_num_threads()} threads, backend {backend!r}")
     for name, t in med.items():
         spread = statistics.pstdev(times[name]) * 1e3
-        print(f"  {name:>9}: median {t * 1e3:8.2f} ms  (stdev {spread:.2f} ms, "
-              f"{args.steps} steps)")
-    print(f"  speed-up of batchnorm over torch.nn: {ratio:.3f}x")
+        console(f"  {name:>9}: median {t * 1e3:8.2f} ms  (stdev {spread:.2f} ms, "
+                f"{args.steps} steps)")
+    console(f"  speed-up of batchnorm over torch.nn: {ratio:.3f}x")
     if args.csv:
         with open(args.csv, "a", newline="") as f:
             w = csv.writer(f)

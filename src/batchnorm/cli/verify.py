@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _api
-from ._shapes import resolve_layout
+from .. import _api
+from .._shapes import resolve_layout
 
 # Small shapes, channels at axis 1, with a size-1 axis and odd sizes; FD costs 2 forwards
 # per element.

@@ -39,19 +39,15 @@ from collections import defaultdict
 
 import numpy as np
 
-from ._cache import cache_level
+from .._cache import cache_level
+from ._console import console, progress_bar, table
+from .networks import EXTRA, RESNET50
 
-# (channels, height = width) -> number of BN layers in ResNet-50 with that shape.
-RESNET50 = [((64, 112), 1), ((64, 56), 6), ((256, 56), 4), ((128, 56), 1), ((128, 28), 7),
-            ((512, 28), 5), ((256, 28), 1), ((256, 14), 11), ((1024, 14), 7), ((512, 14), 1),
-            ((512, 7), 5), ((2048, 7), 4)]
-EXTRA = [("bn1d", (256, 4096)), ("bn1d", (4096, 256)), ("few-channel", (20, 6, 65536)),
-         ("tiny", (8, 64, 8, 8))]
 PASSES = ("fwd", "inf", "bwd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``batchnorm bench`` / ``benchmarks/cpu.py``."""
+    """The options of ``batchnorm bench``."""
     parser.add_argument("--quick", action="store_true", help="batch 8 and fewer repetitions")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32)")
     parser.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
@@ -70,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true",
                         help="time a training step (forward, backward, SGD) of a small "
                              "ResNet-style network with our layers against torch.nn's instead; "
-                             "python -m batchnorm.bench_train --help lists its own knobs")
+                             "see batchnorm.cli.bench_train for its own knobs")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start measurement (two subprocesses)")
 
@@ -281,7 +277,7 @@ def _shapes(batch: int, layouts: list[str]):
 
 
 def _train_step(args, batch: int, reps: int, threads: int) -> int:
-    """Delegate to :mod:`batchnorm.bench_train` with this command's shared options."""
+    """Delegate to :mod:`batchnorm.cli.bench_train` with this command's shared options."""
     import argparse
 
     from . import bench_train
@@ -301,10 +297,7 @@ def _train_step(args, batch: int, reps: int, threads: int) -> int:
 def run(args) -> int:
     """Run the suite described by ``args`` (see :func:`add_arguments`); 0 on success."""
     import numba
-    from rich.console import Console
-    from rich.progress import Progress
 
-    console = Console(width=max(Console().width, 150))
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(threads)
     try:
@@ -327,10 +320,8 @@ def run(args) -> int:
     rows = []
     cache = _cache_per_thread(threads)
     cases = [c for c in _shapes(batch, layouts) if args.group in ("all", c[0])]
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(cases))
+    with progress_bar("benchmarking", total=len(cases)) as advance:
         for group, shape, lay, weight in cases:
-            progress.update(task, description=f"{group} {shape} {lay}")
             case = _Case(shape, lay, dtype)
             t_copy = _copy_time(case, reps)
             for pass_ in passes:
@@ -356,25 +347,23 @@ def run(args) -> int:
                         f_alg=alg * (1.5 if pass_ == "bwd" else 1.0) * t_copy / med,
                         speedup_vs_torch=statistics.median(tt) / med if tt else float("nan"),
                         device=device, versions=versions))
-            progress.advance(task)
+            advance(description=f"{group} {shape} {lay}")
 
     cold = None if args.no_cold_start else _cold_start(threads)
-    _print(console, rows, cold, threads, batch, args, device, versions, cache)
+    _print(rows, cold, threads, batch, args, device, versions, cache)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        console.print(f"wrote {len(rows)} rows to {args.csv}")
+        console(f"wrote {len(rows)} rows to {args.csv}")
     return 0
 
 
-def _print(console, rows, cold, threads, batch, args, device, versions, cache) -> None:
-    from rich.table import Table
-
-    console.print(f"[bold]batchnorm bench[/] {device}; {versions}; threads={threads}; "
+def _print(rows, cold, threads, batch, args, device, versions, cache) -> None:
+    console(f"batchnorm bench: {device}; {versions}; threads={threads}; "
                   f"batch={batch}; dtype={args.dtype}")
-    console.print(f"each provider timed in its own block after a {PAUSE_S * 1e3:.0f} ms pause; "
+    console(f"each provider timed in its own block after a {PAUSE_S * 1e3:.0f} ms pause; "
                   f"calls under {BATCH_S * 1e3:.0f} ms timed in batches; alloc=prealloc: both "
                   "write into the same preallocated output, alloc=fresh: both allocate per call; "
                   f"f_alg assumes {cache >> 10} KiB of cache per thread")
@@ -384,10 +373,7 @@ def _print(console, rows, cold, threads, batch, args, device, versions, cache) -
         if r["group"] == "resnet50":
             key = (r["provider"], r["pass_"], r["layout"], r["alloc"])
             tot[key] += r["weight"] * r["median_ms"]
-    table = Table(title=f"ResNet-50 network total (53 BN layers, batch {batch})")
-    for col in ("pass", "layout", "alloc", "batchnorm-cpu ms", "f", "f_alg", "torch ms",
-                "torch f", "torch f_alg", "speedup", "copy ms"):
-        table.add_column(col, justify="right")
+    total_rows = []
     for (prov, pass_, lay, alloc), ms in sorted(tot.items()):
         if prov != "batchnorm-cpu":
             continue
@@ -398,33 +384,34 @@ def _print(console, rows, cold, threads, batch, args, device, versions, cache) -
         copy_alg = sum(r["weight"] * r["copy_ms"] * r["f_alg"] / r["f"] for r in mine)
         k = 1.5 if pass_ == "bwd" else 1.0
         tms = tot.get(("torch", pass_, lay, alloc))
-        table.add_row(pass_, lay, alloc, f"{ms:.1f}", f"{k * copy / ms:.2f}",
+        total_rows.append([pass_, lay, alloc, f"{ms:.1f}", f"{k * copy / ms:.2f}",
                       f"{k * copy_alg / ms:.2f}",
                       f"{tms:.1f}" if tms else "-", f"{k * copy / tms:.2f}" if tms else "-",
                       f"{k * copy_alg / tms:.2f}" if tms else "-",
-                      f"{tms / ms:.2f}x" if tms else "-", f"{copy:.1f}")
-    console.print(table)
+                      f"{tms / ms:.2f}x" if tms else "-", f"{copy:.1f}"])
+    table(f"ResNet-50 network total (53 BN layers, batch {batch})",
+          ["pass", "layout", "alloc", "batchnorm-cpu ms", "f", "f_alg", "torch ms", "torch f",
+           "torch f_alg", "speedup", "copy ms"], total_rows)
 
-    detail = Table(title="per shape (median ms; f = fraction of the copy limit)")
-    for col in ("group", "shape", "layout", "pass", "alloc", "provider", "ms", "spread",
-                "f", "f_alg", "vs torch"):
-        detail.add_column(col, justify="right")
+    detail = []
     for r in rows:
         if r["group"] == "resnet50" and r["provider"] == "reference":
             continue
-        detail.add_row(r["group"], r["shape"], r["layout"], r["pass_"], r["alloc"],
+        detail.append([r["group"], r["shape"], r["layout"], r["pass_"], r["alloc"],
                        r["provider"], f"{r['median_ms']:.3f}",
                        f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", f"{r['f']:.2f}",
                        f"{r['f_alg']:.2f}",
-                       f"{r['speedup_vs_torch']:.2f}x")
-    console.print(detail)
+                       f"{r['speedup_vs_torch']:.2f}x"])
+    table("per shape (median ms; f = fraction of the copy limit)",
+          ["group", "shape", "layout", "pass", "alloc", "provider", "ms", "spread", "f",
+           "f_alg", "vs torch"], detail)
     tiny = [r for r in rows if r["group"] == "tiny" and r["provider"] == "batchnorm-cpu"
             and r["pass_"] == "fwd" and r["alloc"] == "prealloc"]
     for r in tiny:
-        console.print(f"tiny (8, 64, 8, 8) {r['layout']} forward per call: "
-                      f"{r['median_ms'] * 1e3:.1f} us (target <= 15 us)")
+        console(f"tiny (8, 64, 8, 8) {r['layout']} forward per call: "
+                f"{r['median_ms'] * 1e3:.1f} us (target <= 15 us)")
     if cold:
-        console.print("cold start (import / first call, s): "
-                      f"compile cache empty {cold['cold_import_s']:.2f} / "
-                      f"{cold['cold_first_call_s']:.2f}; warm {cold['warm_import_s']:.2f} / "
-                      f"{cold['warm_first_call_s']:.2f}")
+        console("cold start (import / first call, s): "
+                f"compile cache empty {cold['cold_import_s']:.2f} / "
+                f"{cold['cold_first_call_s']:.2f}; warm {cold['warm_import_s']:.2f} / "
+                f"{cold['warm_first_call_s']:.2f}")

@@ -105,7 +105,7 @@ def run(args) -> int:
     import torch
 
     from ._console import console, progress_bar, table
-    from .torch import convert_model
+    from ..torch import convert_model
 
     if args.epochs < 1 or args.batch < 2:
         console("--epochs must be >= 1 and --batch >= 2")

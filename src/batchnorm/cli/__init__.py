@@ -11,10 +11,10 @@ import sys
 
 # subcommand -> (module implementing add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
-    "verify": ("batchnorm.verify",
+    "verify": ("batchnorm.cli.verify",
                "check the reference against finite differences and PyTorch autograd"),
-    "bench": ("batchnorm.bench", "time the backends against PyTorch and a parallel copy"),
-    "demo": ("batchnorm.demo", "train a small CNN on the 8x8 digits three ways and compare"),
+    "bench": ("batchnorm.cli.bench", "time the backends against PyTorch and a parallel copy"),
+    "demo": ("batchnorm.cli.demo", "train a small CNN on the 8x8 digits three ways and compare"),
 }
 
 
@@ -43,7 +43,3 @@ def main(argv: list[str] | None = None) -> int:
         print(args.import_error, file=sys.stderr)
         return 2
     return importlib.import_module(args.module).run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
