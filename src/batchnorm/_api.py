@@ -51,7 +51,8 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
         check_finite: raise FloatingPointError naming channels whose statistics or outputs
             are not finite.
         out: optional array of x's shape and dtype that receives y.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"gpu"``.
+        backend: ``"auto"`` (the fastest that can run), ``"cpu"`` or ``"reference"``.
+            CUDA tensors run on the ``"gpu"`` backend through :mod:`batchnorm.torch`.
         axis: optional tuple of axes to reduce over; replaces ``mode`` / ``channel_axis``
             (giving it with either is a ValueError, so those two default to None).
 
