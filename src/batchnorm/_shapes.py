@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 MODES = ("per_activation", "spatial", "spatial_persistent")
-BACKENDS = ("auto", "reference", "cpu", "gpu")
 
 DEFAULT_MODE = "spatial"
 DEFAULT_CHANNEL_AXIS = 1
@@ -67,6 +66,18 @@ class Layout:
         """True when the kept axes are consecutive, so :func:`as_3d` can be a view."""
         k = self.kept_axes
         return not k or k[-1] - k[0] + 1 == len(k)
+
+    @functools.cached_property
+    def perm(self) -> tuple[int, ...]:
+        """Axis order that brings the kept axes together: reduced axes before the first kept
+        axis, the kept axes, then the other reduced axes. ``(A, C, B)`` is this order,
+        merged."""
+        k = self.kept_axes
+        if not k:
+            return tuple(range(len(self.shape)))
+        before = [a for a in self.reduce_axes if a < k[0]]
+        after = [a for a in self.reduce_axes if a > k[0]]
+        return (*before, *k, *after)
 
     @functools.cached_property
     def dims3(self) -> tuple[int, int, int]:
@@ -284,32 +295,18 @@ def as_3d(arr: np.ndarray, layout: Layout) -> np.ndarray:
 
     When the kept axes are not adjacent the kept block is first moved together, which copies.
     Reshaping a non-contiguous array may also copy: callers that write into the result must
-    check ``np.shares_memory`` (see :func:`writable_3d`).
+    check ``np.shares_memory`` and copy back with :func:`from_3d` when it is not a view.
     """
     if not layout.kept_adjacent:
-        kept = layout.kept_axes
-        before = [a for a in layout.reduce_axes if a < kept[0]]
-        after = [a for a in layout.reduce_axes if a > kept[0]]
-        arr = arr.transpose(before + list(kept) + after)
+        arr = arr.transpose(layout.perm)
     return arr.reshape(layout.dims3)
-
-
-def writable_3d(arr: np.ndarray, layout: Layout) -> tuple[np.ndarray, bool]:
-    """``(view, is_view)``: the 3-d view of an output, or a fresh buffer to copy back from."""
-    view = as_3d(arr, layout)
-    if arr.size == 0 or np.shares_memory(view, arr):
-        return view, True
-    return np.empty(layout.dims3, dtype=arr.dtype), False
 
 
 @np.errstate(over="ignore")  # a float32 -> float16 cast may overflow to inf: check_finite says so
 def from_3d(buf: np.ndarray, arr: np.ndarray, layout: Layout) -> None:
     """Copy a 3-d result back into ``arr`` (the inverse of :func:`as_3d`)."""
     if not layout.kept_adjacent:
-        kept = layout.kept_axes
-        before = [a for a in layout.reduce_axes if a < kept[0]]
-        after = [a for a in layout.reduce_axes if a > kept[0]]
-        order = before + list(kept) + after
+        order = layout.perm
         arr.transpose(order)[...] = buf.reshape([layout.shape[a] for a in order])
     else:
         arr[...] = buf.reshape(layout.shape)

@@ -87,19 +87,10 @@ def _num_sms(device: torch.device) -> int:
 # ----------------------------------------------------------------------------- views
 
 
-def _perm(layout) -> list[int]:
-    kept = list(layout.kept_axes)
-    if not kept:
-        return list(range(len(layout.shape)))
-    before = [a for a in layout.reduce_axes if a < kept[0]]
-    after = [a for a in layout.reduce_axes if a > kept[0]]
-    return before + kept + after
-
-
 def _view3(t: torch.Tensor, layout) -> torch.Tensor | None:
     """The (A, C, B) view of t without copying, or None when none exists."""
     if not layout.kept_adjacent:
-        t = t.permute(_perm(layout))
+        t = t.permute(layout.perm)
     try:
         return t.view(layout.dims3)
     except RuntimeError:
@@ -110,7 +101,7 @@ def _input3(t: torch.Tensor, layout) -> torch.Tensor:
     """The (A, C, B) view of an input, copied to a contiguous buffer when no view exists."""
     v = _view3(t, layout)
     if v is None:
-        v = t.permute(_perm(layout)).reshape(layout.dims3) if not layout.kept_adjacent \
+        v = t.permute(layout.perm).reshape(layout.dims3) if not layout.kept_adjacent \
             else t.reshape(layout.dims3)
     return v
 
@@ -131,7 +122,7 @@ class _Output:
 
     def finish(self) -> torch.Tensor:
         if self.copy_back:
-            perm = _perm(self.layout)
+            perm = self.layout.perm
             shape = [self.layout.shape[a] for a in perm]
             self.full.permute(perm).copy_(self.v3.view(shape))
         return self.full
