@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import backends
-    from ._console import console
     from ..torch import convert_model
+    from ._console import console
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -104,8 +104,8 @@ def run(args) -> int:
     """Train the three models in lock step; print the table; save the plot."""
     import torch
 
-    from ._console import console, progress_bar, table
     from ..torch import convert_model
+    from ._console import console, progress_bar, table
 
     if args.epochs < 1 or args.batch < 2:
         console("--epochs must be >= 1 and --batch >= 2")
