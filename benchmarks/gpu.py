@@ -12,7 +12,7 @@ stops the script with exit status 1.
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repetition);
 median and 10 / 90 % quantiles. PyTorch's backward is timed as ``torch.autograd.grad`` on
 a prebuilt graph (the BN backward node alone, as autograd runs it). torch.compile compiles
-the forward ``F.batch_norm`` call and the backward formula of SPEC section 1.
+the forward ``F.batch_norm`` call and the backward formula of contract §1.
 Every provider allocates its outputs fresh on each call (the caching allocator makes that
 cheap on both sides).
 
@@ -94,7 +94,7 @@ def torch_fwd(x, g, b, rm, rv):
 
 
 def _bwd_formula(dy, x, g, mean, invstd):
-    # SPEC section 1, written in torch ops for torch.compile to fuse
+    # contract §1, written in torch ops for torch.compile to fuse
     dims = (0, 2, 3)
     m = x.numel() // x.shape[1]
     mean, invstd, g = (t.view(1, -1, 1, 1) for t in (mean, invstd, g))

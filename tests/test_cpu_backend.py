@@ -168,7 +168,7 @@ def test_named_shapes(shape, layout, parallel):
 
 
 def check_one_value_per_channel(x, mode, axis):
-    """Training is refused (SPEC section 5); inference and the eval backward still run."""
+    """Training is refused (contract §5); inference and the eval backward still run."""
     kw = dict(mode=mode, channel_axis=axis)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn.forward_training(x, None, None, backend="cpu", **kw)

@@ -1,4 +1,4 @@
-"""Every row of SPEC section 5: the exception type and a message that names the problem."""
+"""Every row of contract §5: the exception type and a message that names the problem."""
 
 import subprocess
 import sys

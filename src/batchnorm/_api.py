@@ -1,4 +1,4 @@
-"""The public functions of SPEC section 6: validate once, pick a backend, run it.
+"""The public functions of contract §6: validate once, pick a backend, run it.
 
 Validation lives in :mod:`batchnorm._shapes`; the math lives in the backends. This module
 only wires them together, so every backend sees the same checked arguments.
@@ -107,7 +107,7 @@ def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel
 
 def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
              backend="auto", axis=None, training=True):
-    """Gradients of batch norm from dy and the saved statistics (closed form, SPEC section 1).
+    """Gradients of batch norm from dy and the saved statistics (closed form, contract §1).
 
     dbeta = sum(dy), dgamma = sum(dy * xhat), and
     dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M) in training, or

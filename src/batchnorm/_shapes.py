@@ -7,7 +7,7 @@ the parameters must have. Kernels never see "NCHW" or "per_activation": they get
 ``C = prod(kept shape)``. Spatial NCHW is ``(N, C, H*W)``, channels-last is
 ``(N*H*W, C, 1)``, per-activation is ``(N, C*H*W, 1)``.
 
-The error types and messages here are part of the contract (SPEC section 5).
+The error types and messages here are part of the contract (docs/contract.md §5).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ _resolve_cached = functools.lru_cache(maxsize=1024, typed=True)(_resolve)
 
 
 def check_float_dtype(name: str, dtype: Any) -> None:
-    """Refuse integer, bool and complex arrays with a TypeError (SPEC section 5)."""
+    """Refuse integer, bool and complex arrays with a TypeError (contract §5)."""
     dt = np.dtype(dtype)
     if dt.kind != "f":
         _fail(

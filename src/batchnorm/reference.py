@@ -1,4 +1,4 @@
-"""The reference backend: SPEC section 1 in NumPy, computed in float64, readable top to bottom.
+"""The reference backend: contract §1 in NumPy, computed in float64, readable top to bottom.
 
 Every fast path is tested against these functions; they in turn are tested against central
 finite differences and against PyTorch autograd. They favour clarity over speed: they work on
@@ -98,7 +98,7 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
 
 @np.errstate(invalid="ignore", over="ignore")
 def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=None):
-    """dx, dgamma, dbeta from dy and the saved mean / invstd (SPEC section 1).
+    """dx, dgamma, dbeta from dy and the saved mean / invstd (contract §1).
 
     Training:  dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M)
     Inference: dx = gamma * invstd * dy          (mean and invstd are constants)

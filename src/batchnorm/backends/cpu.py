@@ -259,7 +259,7 @@ def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=Non
 
 
 def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=None):
-    """dx, dgamma, dbeta from dy and the saved mean / invstd (SPEC section 1).
+    """dx, dgamma, dbeta from dy and the saved mean / invstd (contract §1).
 
     Training:  dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M)
     Inference: dx = gamma * invstd * dy

@@ -312,7 +312,7 @@ def forward_inference(x, gamma, beta, mean, var, layout, *, eps, out=None):
 
 
 def backward(dy, x, gamma, mean, invstd, layout, *, training=True, out=None):
-    """dx, dgamma, dbeta from dy and the saved mean / invstd (SPEC section 1).
+    """dx, dgamma, dbeta from dy and the saved mean / invstd (contract §1).
 
     Training:  dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M)
     Inference: dx = gamma * invstd * dy

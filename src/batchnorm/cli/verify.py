@@ -1,7 +1,7 @@
 """Checks of the reference against two independent oracles (``batchnorm verify``).
 
 1. Central finite differences in float64 of the loss ``L = sum(y * w)``: the closed-form
-   dx, dgamma and dbeta of SPEC section 1 must match the numerical derivatives.
+   dx, dgamma and dbeta of contract §1 must match the numerical derivatives.
 2. PyTorch (``torch.nn.functional.batch_norm`` with autograd), when it is installed: y, the
    three gradients and the running statistics must match.
 

@@ -33,7 +33,7 @@ def param_shape(x: Tensor, mode: str) -> tuple[int, ...]:
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 statistics for float64 input, float32 for every narrower float (SPEC 4)."""
+    """float64 statistics for float64 input, float32 for every narrower float (contract §4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -243,7 +243,7 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         x: [N, C, *spatial] input (any strides).
         weight, bias: [param_shape] or None.
         running_mean, running_var: [param_shape] or None; read, not modified.
-        momentum, eps: as in SPEC sections 3 and 1.
+        momentum, eps: as in contract §3 and §1.
         mode: ``"spatial"``, ``"spatial_persistent"`` or ``"per_activation"``.
         batches: optional one-element count of batches seen, this one included; when given,
             ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
@@ -290,7 +290,7 @@ def _(x, weight, bias, mean, var, eps, mode):
 @torch.library.custom_op(f"{_NS}::backward", mutates_args=())
 def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
              training: bool, mode: str) -> tuple[Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias from dy and the saved statistics (SPEC section 1).
+    """dx, dweight, dbias from dy and the saved statistics (contract §1).
 
     dx = weight * invstd * (dy - (dbias + xhat * dweight) / M) in training, and
     dx = weight * invstd * dy in inference. ``dweight`` is zeros when ``weight`` is None.

@@ -1,7 +1,7 @@
 """``batch_norm`` for tensors, and the autograd formulas of the custom ops (first and second order).
 
 First order: the forward ops' gradients are the ``batchnorm::backward`` op (the closed form of
-SPEC section 1, run by the backends). Second order: the gradient of that op is written below in
+contract §1, run by the backends). Second order: the gradient of that op is written below in
 torch operations from the same closed form, so ``gradgradcheck`` and double-backward losses
 (gradient penalties) work. Let ``g`` = weight, ``s`` = invstd, ``xhat = (x - mu) * s``,
 sums over the reduced axes, ``M`` values per channel, ``T`` = 1 in training and 0 in
@@ -98,7 +98,7 @@ def _setup_inference(ctx, inputs, output):
 
 
 def _inference_stats(mean: Tensor, var: Tensor, eps: float, sdt: torch.dtype):
-    """(mean, invstd) in the statistics dtype; invstd = 0 where var + eps == 0 (SPEC 4),
+    """(mean, invstd) in the statistics dtype; invstd = 0 where var + eps == 0 (contract §4),
     matching the forward's convention."""
     denom = var.to(sdt) + eps
     invstd = torch.where(denom == 0, torch.zeros_like(denom), denom.rsqrt())

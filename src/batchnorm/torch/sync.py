@@ -33,7 +33,7 @@ def _world_size(process_group) -> int:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # SPEC §4: statistics in float64 for float64 input, float32 for everything narrower.
+    # contract §4: statistics in float64 for float64 input, float32 for everything narrower.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -64,7 +64,7 @@ def _local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         zero = torch.zeros(c, dtype=acc, device=x.device)
         return 0, zero, zero.clone()
     dims = [0] + list(range(2, x.dim()))
-    # torch.var_mean uses Welford / two-pass internally: cancellation-free (SPEC §4).
+    # torch.var_mean uses Welford / two-pass internally: cancellation-free (contract §4).
     # Narrower floats are widened first (a copy; float32 and float64 are reduced in place).
     var, mean = torch.var_mean(_widened(x, acc), dim=dims, correction=0)
     return count, mean, var * count
@@ -128,7 +128,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if n > 0:
             var64 = m264 / n
             denom = var64 + eps
-            # SPEC §4: invstd = 0 where var + eps == 0 (constant channel, eps = 0), not inf.
+            # contract §4: invstd = 0 where var + eps == 0 (constant channel, eps = 0), not inf.
             invstd64 = torch.where(denom > 0, denom.rsqrt(), torch.zeros_like(denom))
             with torch.no_grad():
                 if running_mean is not None:
@@ -139,7 +139,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     running_var.mul_(1 - momentum).add_(
                         (m264 / (n - 1)).to(running_var.dtype), alpha=momentum
                     )
-        else:  # every shard empty: SPEC §5, saved stats 0, running stats unchanged
+        else:  # every shard empty: contract §5, saved stats 0, running stats unchanged
             invstd64 = torch.zeros_like(mean64)
         mean = mean64.to(acc)
         invstd = invstd64.to(acc)
@@ -283,7 +283,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        # momentum=None is a cumulative average: m = 1 / num_batches_tracked (SPEC §3).
+        # momentum=None is a cumulative average: m = 1 / num_batches_tracked (contract §3).
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
