@@ -26,12 +26,6 @@ class SavedStats(NamedTuple):
     invstd: np.ndarray
 
 
-def _check_input(x, name: str = "x") -> np.ndarray:
-    arr = np.asarray(x)
-    S.check_float_dtype(name, arr.dtype)
-    return arr
-
-
 def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_axis=None,
                      running_mean=None, running_var=None, momentum=0.1, check_finite=False,
                      out=None, backend="auto", axis=None):
@@ -59,7 +53,7 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
     Returns:
         ``(y, SavedStats(mean, invstd))``; y has x's shape and dtype.
     """
-    x = _check_input(x)
+    x = S.as_array("x", x)
     layout = S.resolve_layout(x.shape, mode, channel_axis, axis)
     eps, momentum = S.check_scalars(eps, momentum)
     gamma = S.check_param("gamma", gamma, layout)
@@ -93,7 +87,7 @@ def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel
     Returns:
         y with x's shape and dtype.
     """
-    x = _check_input(x)
+    x = S.as_array("x", x)
     layout = S.resolve_layout(x.shape, mode, channel_axis, axis)
     eps, _ = S.check_scalars(eps)
     gamma = S.check_param("gamma", gamma, layout)
@@ -127,8 +121,8 @@ def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
         [param_shape] in the statistics dtype. dbeta is always returned (backward does not
         see beta); a caller without beta ignores it.
     """
-    x = _check_input(x)
-    dy = _check_input(dy, "dy")
+    x = S.as_array("x", x)
+    dy = S.as_array("dy", dy)
     layout = S.resolve_layout(x.shape, mode, channel_axis, axis)
     S.check_same_shape("dy", dy, layout)
     if not isinstance(saved, tuple) or len(saved) != 2:
