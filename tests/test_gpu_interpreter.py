@@ -48,10 +48,12 @@ def path(request, monkeypatch):
     """Run each test once on the persistent kernels and once on the split kernels."""
     if request.param == "split":
         monkeypatch.setattr(gpu, "PERSISTENT_MAX_ELEMS", 0)
+        monkeypatch.setattr(gpu, "PERSISTENT_MAX_ELEMS_CL", 0)
         monkeypatch.setattr(gpu, "TILE_ELEMS", 16)  # many tiles even on tiny inputs
         monkeypatch.setattr(gpu, "CL_BLOCK_C", 4)
         monkeypatch.setattr(gpu, "PROGRAMS_PER_SM", 3)
         monkeypatch.setattr(gpu, "FINALIZE_BLOCK_S", 2)  # several merge steps
+        monkeypatch.setattr(gpu, "FINALIZE_BLOCK_C", 2)  # several finalize programs
     return request.param
 
 
@@ -263,3 +265,127 @@ def test_bfloat16(name, path):
     close(dx.float(), dx_r, tolerance(torch.bfloat16), "dx")
     close(dgamma, dgamma_r, (1e-4, 1e-4), "dgamma")
     close(dbeta, dbeta_r, (1e-4, 1e-4), "dbeta")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_path_fixture_reaches_its_algorithm(name, path):
+    """The split fixture really drives the split kernels (and the default the persistent
+    ones) on every layout above, as the launch plan reports."""
+    x, layout = make_x(name, torch.float32)
+    for pass_ in ("forward", "backward"):
+        assert gpu.launch_plan(pass_, x, layout).algorithm == path
+
+
+@pytest.mark.parametrize("given", ["mean", "var"])
+def test_each_running_statistic_is_updated_on_its_own(given, path):
+    """running_var without running_mean (and the reverse) is updated, as the reference does."""
+    x, layout = make_x("nchw", torch.float32)
+    start = torch.linspace(0.5, 2, layout.channels).to(DEVICE)
+    rm = start.clone() if given == "mean" else None
+    rv = start.clone() if given == "var" else None
+    want_m, want_v = npy(rm), npy(rv)
+    want_m, want_v = (None if a is None else a.copy() for a in (want_m, want_v))
+    gpu.forward_training(x, None, None, layout, eps=1e-5, momentum=0.4, running_mean=rm,
+                         running_var=rv)
+    ref.forward_training(npy(x), None, None, layout, eps=1e-5, momentum=0.4,
+                         running_mean=want_m, running_var=want_v)
+    got, want = (rm, want_m) if given == "mean" else (rv, want_v)
+    assert not torch.equal(got, start)
+    close(got, want, STAT_TOL, f"running_{given}")
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_flagged_call_leaves_running_statistics_as_they_were(name, path):
+    """check_finite: a call that reports a non-finite channel changes no running statistic
+    (the caller refuses it); a clean call updates them. Non-contiguous statistics too."""
+    x, layout = make_x(name, torch.float32)
+    rm = torch.linspace(-1, 1, 2 * layout.channels).to(DEVICE)[::2]  # not contiguous
+    rv = torch.linspace(0.5, 2, layout.channels).to(DEVICE)
+    rm0, rv0 = rm.clone(), rv.clone()
+    _, _, _, bad = gpu.forward_training(x, None, None, layout, eps=1e-5, running_mean=rm,
+                                        running_var=rv, check_finite=True)
+    assert not bad.any() and not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+    want_m, want_v = npy(rm0).copy(), npy(rv0).copy()
+    ref.forward_training(npy(x), None, None, layout, eps=1e-5, running_mean=want_m,
+                         running_var=want_v)
+    close(rm, want_m, STAT_TOL, "running_mean")
+    close(rv, want_v, STAT_TOL, "running_var")
+
+    chan = (slice(None), 1) if name == "nchw" else (..., 1)
+    x[chan] = float("inf")
+    rm1, rv1 = rm.clone(), rv.clone()
+    _, _, _, bad = gpu.forward_training(x, None, None, layout, eps=1e-5, running_mean=rm,
+                                        running_var=rv, check_finite=True)
+    assert bad.tolist() == [False, True, False]
+    assert torch.equal(rm, rm1) and torch.equal(rv, rv1)
+
+
+def test_spatial_persistent_is_spatial(path):
+    """The mode picks no algorithm on the GPU (contract §2): same plan, identical results."""
+    x, _ = make_x("nchw", torch.float32)
+    dy, _ = make_x("nchw", torch.float32, seed=4)
+    runs = []
+    for mode in ("spatial", "spatial_persistent"):
+        layout = resolve_layout(tuple(x.shape), mode=mode)
+        plans = [gpu.launch_plan(p, x, layout) for p in gpu.PASSES]
+        y, mean, invstd, _ = gpu.forward_training(x, None, None, layout, eps=1e-5)
+        grads = gpu.backward(dy, x, None, mean, invstd, layout)
+        runs.append((plans, [y, mean, invstd, grads[0], grads[2]]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+_HUGE_STRIDE_SCRIPT = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np, torch
+from batchnorm import reference as ref
+from batchnorm._shapes import resolve_layout
+from batchnorm.backends import gpu
+if sys.argv[1] == "split":
+    gpu.PERSISTENT_MAX_ELEMS = 0
+sxc = 2**30 + 64  # channel 2 starts 2**31 + 128 elements in: c * sxc passes 2**31
+try:
+    base = torch.empty(2 * sxc + 128, dtype=torch.float16)  # reserved: few pages are touched
+except RuntimeError as exc:
+    print("NOMEM", exc)
+    sys.exit(0)
+x = base.as_strided((2, 3, 32), (64, sxc, 1))  # 32-long runs: one channel per program
+x.copy_(torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0)) * 2 + 1)
+layout = resolve_layout(tuple(x.shape))
+plan = gpu.launch_plan("forward", x, layout)
+assert plan.i64 == 1 and plan.blocks[1] == 1 and plan.algorithm == sys.argv[1], plan
+y, mean, invstd, _ = gpu.forward_training(x, None, None, layout, eps=1e-5)
+dx, _, dbeta = gpu.backward(x, x, None, mean, invstd, layout)
+x64 = x.double().numpy()
+y_r, mean_r, invstd_r, _ = ref.forward_training(x64, None, None, layout, eps=1e-5)
+dx_r, _, dbeta_r = ref.backward(x64, x64, None, mean_r, invstd_r, layout)
+for got, want, tol in ((y, y_r, 4e-3), (mean, mean_r, 1e-4), (dx, dx_r, 4e-3),
+                      (dbeta, dbeta_r, 1e-4)):
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=tol, atol=tol)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["persistent", "split"])
+def test_channel_offsets_past_2_31_elements(algorithm, tmp_path):
+    """An NCHW view whose channel offset ``c * sxc`` passes 2**31 elements (a few elements
+    spread over a 4 GiB buffer that is reserved, not touched). Run in a subprocess: a 32-bit
+    channel offset reads far outside the buffer and can crash the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "huge_stride.py"
+    script.write_text(_HUGE_STRIDE_SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent / "src"),
+                      env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, str(script), algorithm], capture_output=True,
+                       text=True, env=env, timeout=600)
+    if r.stdout.startswith("NOMEM"):
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {r.stdout.strip()}")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), \
+        f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

@@ -20,17 +20,38 @@ import triton.language as tl
 @triton.jit
 def _tile(pc, t, n_tb, A, C, B, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_B: tl.constexpr, I64: tl.constexpr):
-    """Index vectors (a, c, b), broadcastable to the tile, and the in-bounds mask."""
+    """Tile ``t`` of channel block ``pc``: its origin, in-tile indices and in-bounds mask.
+
+    Returns ``((a0, c0, b0, ra, rc, rb), mask)``: the origin is scalar, the in-tile indices
+    are vectors broadcastable to the tile. I64 is the indexing width the launcher chose:
+    0, all 32-bit; 1, the origin 64-bit (offsets past 2**31, in-tile spans below it);
+    2, everything 64-bit. Widening happens before any product that could pass 2**31.
+    """
     ta = t // n_tb
     tb = t - ta * n_tb
-    a = ta * BLOCK_A + tl.arange(0, BLOCK_A)[:, None, None]
-    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
-    b = tb * BLOCK_B + tl.arange(0, BLOCK_B)[None, None, :]
-    if I64:  # element offsets beyond 2**31
-        a = a.to(tl.int64)
-        b = b.to(tl.int64)
-    mask = (a < A) & (c < C) & (b < B)
-    return a, c, b, mask
+    if I64 >= 1:
+        ta = ta.to(tl.int64)
+        tb = tb.to(tl.int64)
+        pc = pc.to(tl.int64)
+    ra = tl.arange(0, BLOCK_A)[:, None, None]
+    rc = tl.arange(0, BLOCK_C)[None, :, None]
+    rb = tl.arange(0, BLOCK_B)[None, None, :]
+    if I64 == 2:
+        ra = ra.to(tl.int64)
+        rc = rc.to(tl.int64)
+        rb = rb.to(tl.int64)
+    a0 = ta * BLOCK_A
+    c0 = pc * BLOCK_C
+    b0 = tb * BLOCK_B
+    mask = (a0 + ra < A) & (c0 + rc < C) & (b0 + rb < B)
+    return (a0, c0, b0, ra, rc, rb), mask
+
+
+@triton.jit
+def _at(ptr, tile, sa, sc, sb):
+    """Pointers to a tile's elements of the tensor at ``ptr`` with strides (sa, sc, sb)."""
+    a0, c0, b0, ra, rc, rb = tile
+    return (ptr + (a0 * sa + c0 * sc + b0 * sb)) + (ra * sa + rc * sc + rb * sb)
 
 
 @triton.jit
@@ -57,9 +78,9 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _finish_stats(c, cmask, mean, var, M, unbias, eps, momentum, gamma_ptr, rmean_ptr, rvar_ptr,
+def _finish_stats(c, cmask, mean, var, unbias, eps, momentum, gamma_ptr, rmean_ptr, rvar_ptr,
                   mean_ptr, invstd_ptr, scale_ptr, HAS_GAMMA: tl.constexpr,
-                  HAS_RUNNING: tl.constexpr):
+                  HAS_RMEAN: tl.constexpr, HAS_RVAR: tl.constexpr):
     """Per channel: invstd (0 where var + eps == 0), saved stats, running update, scale.
 
     Returns (invstd, scale, bad) with bad = 1.0 where mean or invstd is not finite.
@@ -68,13 +89,15 @@ def _finish_stats(c, cmask, mean, var, M, unbias, eps, momentum, gamma_ptr, rmea
     invstd = tl.where(denom == 0.0, 0.0, 1.0 / tl.sqrt(denom))
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, invstd, mask=cmask)
-    if HAS_RUNNING:
-        # running = (1 - m) * running + m * batch, with the variance unbiased by M / (M - 1)
+    # running = (1 - m) * running + m * batch, the variance unbiased by M / (M - 1); each
+    # statistic is updated when it is given, independently of the other (contract §3)
+    if HAS_RMEAN:
         rm = tl.load(rmean_ptr + c, mask=cmask, other=0.0)
-        rv = tl.load(rvar_ptr + c, mask=cmask, other=0.0)
         new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mean
-        new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * (var * unbias)
         tl.store(rmean_ptr + c, new_rm.to(rm.dtype), mask=cmask)
+    if HAS_RVAR:
+        rv = tl.load(rvar_ptr + c, mask=cmask, other=0.0)
+        new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * (var * unbias)
         tl.store(rvar_ptr + c, new_rv.to(rv.dtype), mask=cmask)
     scale = invstd
     if HAS_GAMMA:
@@ -106,8 +129,8 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        a, c, b, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
+        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
         n_t = _sum_ab(mask.to(tl.float32))
         mean_t = _sum_ab(v) / tl.maximum(n_t, 1.0)
         d = tl.where(mask, v - _bcast(mean_t), 0.0)
@@ -123,7 +146,8 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
 @triton.jit
 def fwd_finalize_kernel(pn_ptr, pmean_ptr, pm2_ptr, S, C, M, unbias, eps, momentum,
                         gamma_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, scale_ptr, flag_ptr,
-                        HAS_GAMMA: tl.constexpr, HAS_RUNNING: tl.constexpr, CHECK: tl.constexpr,
+                        HAS_GAMMA: tl.constexpr, HAS_RMEAN: tl.constexpr,
+                        HAS_RVAR: tl.constexpr, CHECK: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the S partials of each channel in a fixed order, then finish the statistics.
 
@@ -149,9 +173,9 @@ def fwd_finalize_kernel(pn_ptr, pmean_ptr, pm2_ptr, S, C, M, unbias, eps, moment
         m2_k = tl.sum(pm2, axis=0) + tl.sum(pn * d * d, axis=0)
         n, mean, m2 = _chan_merge(n, mean, m2, n_k, mean_k, m2_k)
     var = m2 / M
-    _, _, bad = _finish_stats(c, cmask, mean, var, M, unbias, eps, momentum, gamma_ptr,
+    _, _, bad = _finish_stats(c, cmask, mean, var, unbias, eps, momentum, gamma_ptr,
                               rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, scale_ptr,
-                              HAS_GAMMA, HAS_RUNNING)
+                              HAS_GAMMA, HAS_RMEAN, HAS_RVAR)
     if CHECK:
         tl.store(flag_ptr + c, bad.to(tl.int8), mask=cmask)
 
@@ -186,10 +210,10 @@ def fwd_apply_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, n_tb, 
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        a, c, b, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
+        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
         y = ((v - _bcast(mean)) * _bcast(scale) + _bcast(shift)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + a * sya + c * syc + b * syb, y, mask=mask)
+        tl.store(_at(y_ptr, tile, sya, syc, syb), y, mask=mask)
         if CHECK:
             yf = y.to(tl.float32)
             nonfinite = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -203,7 +227,7 @@ def fwd_persistent_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, M
                           momentum, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr,
                           invstd_ptr, scale_ptr, flag_ptr,
                           HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                          HAS_RUNNING: tl.constexpr, CHECK: tl.constexpr,
+                          HAS_RMEAN: tl.constexpr, HAS_RVAR: tl.constexpr, CHECK: tl.constexpr,
                           BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
                           I64: tl.constexpr):
     """One read of x: the channel block's whole slice stays in registers from stats to y.
@@ -212,21 +236,21 @@ def fwd_persistent_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, M
     two-pass over the registers, so this is exactly as accurate as the split path.
     """
     pc = tl.program_id(0)
-    a, c, b, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-    v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
+    tile, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+    v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
     mean = _sum_ab(v) / M
     d = tl.where(mask, v - _bcast(mean), 0.0)
     var = _sum_ab(d * d) / M
     c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c1 < C
-    invstd, scale, bad = _finish_stats(c1, cmask, mean, var, M, unbias, eps, momentum,
+    invstd, scale, bad = _finish_stats(c1, cmask, mean, var, unbias, eps, momentum,
                                        gamma_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
-                                       scale_ptr, HAS_GAMMA, HAS_RUNNING)
+                                       scale_ptr, HAS_GAMMA, HAS_RMEAN, HAS_RVAR)
     y = d * _bcast(scale)
     if HAS_BETA:
         y += _bcast(tl.load(beta_ptr + c1, mask=cmask, other=0.0).to(tl.float32))
     y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + a * sya + c * syc + b * syb, y, mask=mask)
+    tl.store(_at(y_ptr, tile, sya, syc, syb), y, mask=mask)
     if CHECK:
         yf = y.to(tl.float32)
         nonfinite = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -269,14 +293,14 @@ def bwd_partial_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, sga,
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        a, c, b, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + a * sda + c * sdc + b * sdb, mask=mask, other=0.0).to(tl.float32)
+        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
         s_dy += _sum_ab(g)
         s_dot += _sum_ab(tl.where(mask, g * (v - _bcast(mean)), 0.0))
         if WRITE_DX:
             dx = (g * _bcast(k)).to(dx_ptr.dtype.element_ty)
-            tl.store(dx_ptr + a * sga + c * sgc + b * sgb, dx, mask=mask)
+            tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx, mask=mask)
     tl.store(psum_ptr + ps * C + c1, s_dy, mask=cmask)
     tl.store(pdot_ptr + ps * C + c1, s_dot, mask=cmask)
 
@@ -320,12 +344,12 @@ def bwd_apply_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, sga, s
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        a, c, b, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + a * sda + c * sdc + b * sdb, mask=mask, other=0.0).to(tl.float32)
+        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
         xhat = (v - _bcast(mean)) * _bcast(invstd)
         dx = _bcast(k) * (g - _bcast(db_m) - xhat * _bcast(dg_m))
-        tl.store(dx_ptr + a * sga + c * sgc + b * sgb, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -339,9 +363,9 @@ def bwd_persistent_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, s
     c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c1 < C
     mean, invstd, k = _bwd_channel(c1, cmask, mean_ptr, invstd_ptr, gamma_ptr, HAS_GAMMA)
-    a, c, b, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-    v = tl.load(x_ptr + a * sxa + c * sxc + b * sxb, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(dy_ptr + a * sda + c * sdc + b * sdb, mask=mask, other=0.0).to(tl.float32)
+    tile, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+    v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (v - _bcast(mean)) * _bcast(invstd), 0.0)
     dbeta = _sum_ab(g)
     dgamma = _sum_ab(g * xhat)
@@ -351,4 +375,4 @@ def bwd_persistent_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, s
         dx = _bcast(k) * (g - _bcast(dbeta / M) - xhat * _bcast(dgamma / M))
     else:
         dx = _bcast(k) * g
-    tl.store(dx_ptr + a * sga + c * sgc + b * sgb, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx.to(dx_ptr.dtype.element_ty), mask=mask)

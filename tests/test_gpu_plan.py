@@ -1,0 +1,138 @@
+"""The gpu backend's launch plan and its traffic account, against hand counts.
+
+Plans are built on ``device="meta"`` tensors (shapes and strides, no memory, no GPU). The
+account counts the bytes each launch asks of global memory (see ``LaunchPlan``): each
+streamed tensor once per launch that reads or writes it, 4 bytes a channel for each
+per-channel vector a program touches, 4 bytes a partial.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from batchnorm._shapes import resolve_layout  # noqa: E402
+from batchnorm.backends import gpu  # noqa: E402
+
+
+def meta(shape, dtype=torch.float32, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt)
+
+
+def kernels(plan):
+    return [launch.kernel for launch in plan.launches]
+
+
+def test_small_nchw_forward_is_one_persistent_launch():
+    x = meta((2, 3, 4, 4))
+    p = gpu.launch_plan("forward", x, resolve_layout(x.shape), num_sms=132)
+    X, vec = 2 * 3 * 16 * 4, 3 * 4          # 384 bytes of x; one per-channel vector
+    assert p.algorithm == "persistent" and p.dims == (2, 3, 16) and p.grid == (3,)
+    assert kernels(p) == ["fwd_persistent_kernel"]
+    # reads x, gamma, beta, running mean and var; writes y, mean, invstd, scale, running x2
+    assert (p.bytes_read, p.bytes_written) == (X + 4 * vec, X + 5 * vec) == (432, 444)
+    assert p.min_bytes == 2 * X
+    assert p.traffic_ratio == pytest.approx(876 / 768)
+    assert p.programs_per_sm == pytest.approx(3 / 132)
+
+
+def test_large_nchw_forward_reads_x_twice():
+    x = meta((16, 16, 64, 64))
+    p = gpu.launch_plan("forward", x, resolve_layout(x.shape), num_sms=132)
+    # tiles of one channel's 2048 contiguous values: 16 channel blocks x 32 tiles; 528
+    # programs wanted (4 per SM) -> 33 per channel block, capped at the 32 tiles
+    assert p.algorithm == "split" and p.blocks == (1, 1, 2048)
+    assert (p.n_c, p.tiles, p.splits, p.tiles_per_split) == (16, 32, 32, 1)
+    X, vec, S = 16 * 16 * 4096 * 4, 16 * 4, 32
+    partials = 3 * S * vec                  # count, mean, M2 per split and channel
+    assert kernels(p) == ["fwd_partial_kernel", "fwd_finalize_kernel", "fwd_apply_kernel"]
+    by_kernel = {launch.kernel: launch for launch in p.launches}
+    assert (by_kernel["fwd_partial_kernel"].bytes_read,
+            by_kernel["fwd_partial_kernel"].bytes_written) == (X, partials)
+    # finalize reads the partials, gamma and the running statistics; writes mean, invstd,
+    # scale and the running statistics
+    assert (by_kernel["fwd_finalize_kernel"].bytes_read,
+            by_kernel["fwd_finalize_kernel"].bytes_written) == (partials + 3 * vec, 5 * vec)
+    # every apply program reads mean, scale and beta
+    assert (by_kernel["fwd_apply_kernel"].bytes_read,
+            by_kernel["fwd_apply_kernel"].bytes_written) == (X + 3 * S * vec, X)
+    assert p.bytes_moved == 3 * X + 2 * partials + 3 * vec + 5 * vec + 3 * S * vec
+    assert p.traffic_ratio == pytest.approx(1.5, abs=0.01)
+    assert p.grid == (16, 32) and p.programs_per_sm == pytest.approx(512 / 132)
+
+
+def test_channels_last_backward_split():
+    x = meta((8, 64, 32, 32), torch.float16, channels_last=True)
+    p = gpu.launch_plan("backward", x, resolve_layout(x.shape), num_sms=132)
+    # merged to (N*H*W, C, 1) = (8192, 64, 1); tiles of 32 rows x 64 channels, 256 of them
+    assert p.dims == (8192, 64, 1) and p.strides == ((64, 1, 0),) * 3
+    assert p.algorithm == "split" and p.blocks == (32, 64, 1)
+    assert (p.n_c, p.tiles, p.splits) == (1, 256, 256)
+    X, vec, S = 8192 * 64 * 2, 64 * 4, 256
+    assert kernels(p) == ["bwd_partial_kernel", "bwd_finalize_kernel", "bwd_apply_kernel"]
+    reads = [launch.bytes_read for launch in p.launches]
+    writes = [launch.bytes_written for launch in p.launches]
+    # partial: x, dy, and mean / invstd / gamma per program -> sum(dy), sum(dy * xhat)
+    # finalize: both partials and invstd -> dgamma, dbeta
+    # apply: x, dy, and five per-channel vectors per program -> dx
+    assert reads == [2 * X + 3 * S * vec, 2 * S * vec + vec, 2 * X + 5 * S * vec]
+    assert writes == [2 * S * vec, 2 * vec, X]
+    assert p.min_bytes == 3 * X
+
+
+def test_inference_is_one_launch_at_the_minimum_and_backward_inference_two():
+    x = meta((16, 16, 64, 64))
+    layout = resolve_layout(x.shape)
+    inf = gpu.launch_plan("inference", x, layout, num_sms=132)
+    assert kernels(inf) == ["fwd_apply_kernel"]
+    X = x.numel() * 4
+    assert inf.bytes_moved - inf.min_bytes == 4 * inf.splits * 16 * 4  # the vectors only
+    binf = gpu.launch_plan("backward_inference", x, layout, num_sms=132)
+    assert kernels(binf) == ["bwd_partial_kernel", "bwd_finalize_kernel"]
+    assert binf.launches[0].bytes_written - 2 * binf.splits * 16 * 4 == X  # dx written there
+
+
+def test_copies_are_counted():
+    """kept axes that are not adjacent: x is copied in and y copied back by torch."""
+    x = meta((4, 3, 5, 2))
+    layout = resolve_layout(x.shape, axis=(0, 2))
+    p = gpu.launch_plan("forward", x, layout, num_sms=132)
+    X = x.numel() * 4
+    assert kernels(p)[:2] == ["copy", "copy"]
+    assert all(launch.bytes_read == launch.bytes_written == X for launch in p.launches[:2])
+
+
+def test_check_finite_adds_its_flags():
+    x = meta((16, 16, 64, 64))
+    layout = resolve_layout(x.shape)
+    off = gpu.launch_plan("forward", x, layout, num_sms=132)
+    on = gpu.launch_plan("forward", x, layout, num_sms=132, check_finite=True)
+    assert on.bytes_written - off.bytes_written == 16 + on.splits * 16
+
+
+def test_persistent_needs_waves_on_large_layers():
+    """A layer over PERSISTENT_SMALL_BYTES goes persistent only with enough programs."""
+    few, many = meta((32, 128, 28, 28)), meta((32, 512, 28, 28))
+    assert gpu.launch_plan("forward", few, resolve_layout(few.shape), num_sms=132) \
+        .algorithm == "split"
+    p = gpu.launch_plan("forward", many, resolve_layout(many.shape), num_sms=132)
+    assert p.algorithm == "persistent" and p.programs_per_sm >= gpu.PERSISTENT_MIN_WAVES
+    assert p.num_warps == 32 and p.blocks == (32, 1, 1024)
+
+
+def test_index_width():
+    small = meta((2, 3, 4, 4))
+    assert gpu.launch_plan("forward", small, resolve_layout(small.shape)).i64 == 0
+    big = meta((2, 128, 4096, 4096))   # 2**31 elements in one sample
+    assert gpu.launch_plan("forward", big, resolve_layout(big.shape)).i64 == 1
+    wide = meta((16, 2**20, 16, 16))   # a persistent tile spanning 15 * 2**28 elements
+    assert gpu.launch_plan("forward", wide, resolve_layout(wide.shape)).i64 == 2
+
+
+def test_unknown_pass_is_refused():
+    x = meta((2, 3))
+    with pytest.raises(ValueError, match="unknown pass"):
+        gpu.launch_plan("sideways", x, resolve_layout(x.shape))
