@@ -1,0 +1,408 @@
+"""Compile every kernel variant the gpu backend's launchers choose, for a real GPU target,
+on a machine without a GPU.
+
+A stand-in for Triton's active driver reports the target (``GPUTarget("cuda", arch, 32)``),
+a device index and a stream; the launchers then run unchanged on ``device="meta"`` tensors
+(shapes and strides, no memory), and every ``kernel[grid](...)`` they make is turned into
+``JITFunction.run(..., warmup=True)``: specialised exactly as on the device (16-byte
+aligned pointers, integers equal to 1 or divisible by 16) and compiled by Triton's own
+compiler and the ``ptxas`` inside its wheel, not executed. Each distinct variant (kernel,
+pointer dtypes, constexprs, launch options, and whether the launch plan calls the tiles
+vector-aligned) is compiled once.
+
+For each variant this reports what a device would refuse or pay for: compile errors,
+registers, stack and local memory (spills) from ``cuobjdump -res-usage``, shared memory,
+128-bit global loads and stores in the PTX, and, for 64-bit-indexed variants, any 32-bit
+multiplication by a stride in the Triton IR.
+
+Run as ``python tests/gpu_compile.py ARCH`` (80 or 90) without ``TRITON_INTERPRET``: one
+JSON object per variant on standard output. ``tests/test_gpu_compile.py`` runs it in CI.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+# Streaming multiprocessors of the targets' reference parts (H100 / H200 SXM, A100), so the
+# split launches are sized as on those devices.
+SMS = {90: 132, 80: 108}
+# Shared memory one program may use (opt-in maximum per block), bytes.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+REGISTERS_PER_SM = 65536
+# Kernels that stream whole tensors (the others touch per-channel vectors only), and how
+# many streamed tensors each reads; the ones marked True also write one.
+STREAMING = {
+    "fwd_partial_kernel": (1, False), "fwd_apply_kernel": (1, True),
+    "fwd_persistent_kernel": (1, True), "bwd_partial_kernel": (2, None),
+    "bwd_apply_kernel": (2, True), "bwd_persistent_kernel": (2, True),
+}
+STRIDE_ARGS = {"sxa", "sxc", "sxb", "sya", "syc", "syb", "sda", "sdc", "sdb", "sga", "sgc",
+               "sgb"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a launcher: which pass, on which input."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    pass_: str
+    memory_format: str = "contiguous"  # or channels_last / channels_last_3d / strided_i64
+    mode: str = "spatial"
+    channel_axis: int = 1
+    affine: tuple[bool, bool] = (True, True)  # gamma, beta
+    running: tuple[bool, bool] = (True, True)  # running_mean, running_var
+    check_finite: bool = False
+
+    @property
+    def label(self) -> str:
+        flags = "".join(k for k, v in zip("gbmv", (*self.affine, *self.running),
+                                          strict=True) if v)
+        return (f"{self.name} {self.shape} {self.dtype} {self.memory_format} {self.pass_}"
+                f" [{flags}{' check' if self.check_finite else ''}]")
+
+
+# name -> (shape, memory format, mode, channel_axis). The launch plan picks the algorithm;
+# the names say what each shape is there for.
+SHAPES = {
+    "nchw small": ((4, 32, 16, 16), "contiguous", "spatial", 1),
+    "nchw large": ((16, 16, 64, 64), "contiguous", "spatial", 1),
+    "nchw 7x7 small": ((4, 24, 7, 7), "contiguous", "spatial", 1),
+    "nchw 7x7 large": ((1024, 24, 7, 7), "contiguous", "spatial", 1),
+    "channels_last small": ((2, 64, 4, 4), "channels_last", "spatial", 1),
+    "channels_last large": ((8, 64, 32, 32), "channels_last", "spatial", 1),
+    "channels_last 24 channels": ((2, 24, 8, 8), "channels_last", "spatial", 1),
+    "nc small": ((64, 256), "contiguous", "spatial", 1),
+    "nc large": ((4096, 96), "contiguous", "spatial", 1),
+    "ncdhw large": ((4, 16, 8, 32, 32), "contiguous", "spatial", 1),
+    "ndhwc large": ((4, 32, 8, 16, 16), "channels_last_3d", "spatial", 1),
+    "per_activation small": ((32, 16, 8, 8), "contiguous", "per_activation", 1),
+    "per_activation large": ((4096, 8, 4, 4), "contiguous", "per_activation", 1),
+    "nhwc (channel_axis=-1) large": ((8, 32, 32, 48), "contiguous", "spatial", -1),
+    # 64-bit indexing: a sample of 2**31 elements (NCHW), a large channels-last batch, a
+    # small view whose strides alone pass 2**31, and a persistent tile whose span from its
+    # origin passes 2**31 (I64 == 2)
+    "nchw int64": ((2, 128, 4096, 4096), "contiguous", "spatial", 1),
+    "channels_last int64": ((40, 64, 1024, 1024), "channels_last", "spatial", 1),
+    "nchw int64 strided view": ((4, 8, 16, 16), "strided_i64", "spatial", 1),
+    "nchw int64 wide tile": ((16, 2**20, 16, 16), "contiguous", "spatial", 1),
+    # the largest persistent tiles (the register budgets), forward then backward, vector
+    # aligned and not
+    "nchw persistent largest": ((32, 512, 32, 32), "contiguous", "spatial", 1),
+    "nchw backward persistent largest": ((16, 512, 32, 32), "contiguous", "spatial", 1),
+    "nchw 7x7 persistent largest": ((256, 512, 7, 7), "contiguous", "spatial", 1),
+    "nchw 7x7 backward persistent largest": ((128, 512, 7, 7), "contiguous", "spatial", 1),
+    "channels_last persistent largest": ((2, 64, 16, 16), "channels_last", "spatial", 1),
+    "channels_last backward persistent largest": ((1, 64, 16, 16), "channels_last",
+                                                  "spatial", 1),
+}
+PASSES = ("forward", "inference", "backward", "backward_inference")
+ALL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def cases() -> list[Case]:
+    """The grid: every shape in every pass and dtype (bfloat16 on the main layouts), then
+    every combination of the optional inputs on a small (persistent) and a large (split)
+    shape."""
+    out = []
+    for name, (shape, fmt, mode, axis) in SHAPES.items():
+        main = name.split(" ")[0] in ("nchw", "channels_last") and "int64" not in name
+        for dtype in ALL_DTYPES if main else ALL_DTYPES[:2]:
+            for pass_ in PASSES:
+                out.append(Case(name, shape, dtype, pass_, fmt, mode, axis))
+    for name in ("nchw small", "nchw large"):
+        shape, fmt, mode, axis = SHAPES[name]
+        for bits in range(32):
+            g, b, m, v, chk = ((bits >> i) & 1 == 1 for i in range(5))
+            out.append(Case(name, shape, "float32", "forward", fmt, mode, axis, (g, b), (m, v),
+                            chk))
+        for g in (False, True):
+            for pass_ in PASSES:
+                out.append(Case(name, shape, "float32", pass_, fmt, mode, axis, (g, not g)))
+    return out
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+
+def _stand_in_driver(arch: int):
+    """An active-driver stand-in that answers what compilation asks: target, device, stream."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class StandInDriver(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return False  # never chosen by Triton on its own
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("meta")
+
+        def get_current_device(self):
+            return arch  # one binder cache per target
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_benchmarker(self):
+            raise NotImplementedError("nothing runs under the stand-in driver")
+
+        def get_device_interface(self):
+            raise NotImplementedError("nothing runs under the stand-in driver")
+
+        def get_empty_cache_for_benchmark(self):
+            raise NotImplementedError("nothing runs under the stand-in driver")
+
+        def clear_cache(self, cache):
+            pass
+
+    return StandInDriver()
+
+
+class _Pointer:
+    """What Triton's binder reads of a tensor argument: its dtype and address. Addresses are
+    256-byte aligned plus the view's offset, as the CUDA caching allocator hands them out."""
+
+    def __init__(self, t):
+        self.dtype = t.dtype
+        self._ptr = (1 << 20) + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+@dataclass
+class Variant:
+    kernel: str
+    arch: int
+    constexprs: dict
+    dtypes: dict
+    case: str
+    aligned: bool
+    error: str | None = None
+    seconds: float = 0.0
+    usage: dict = field(default_factory=dict)
+    shared_dynamic: int = 0
+    vector_loads: int = 0
+    vector_stores: int = 0
+    scalar_16bit: int = 0
+    narrow_stride_mults: list = field(default_factory=list)
+
+
+@contextmanager
+def compiling_for(arch: int, record):
+    """Inside: the gpu backend's launchers compile each new launch for ``arch`` instead of
+    running it; ``record(kernel, grid, args, kwargs)`` decides and compiles."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from batchnorm.backends import gpu
+
+    own = JITFunction.__dict__.get("__getitem__")
+    saved = gpu._interpreting, gpu._num_sms
+    driver.set_active(_stand_in_driver(arch))
+    JITFunction.__getitem__ = lambda kernel, grid: (
+        lambda *args, **kwargs: record(kernel, grid, args, kwargs))
+    gpu._interpreting = lambda: True  # meta tensors pass the device check
+    gpu._num_sms = lambda device: SMS[arch]
+    try:
+        yield
+    finally:
+        if own is None:
+            del JITFunction.__getitem__
+        else:
+            JITFunction.__getitem__ = own
+        gpu._interpreting, gpu._num_sms = saved
+        driver.set_active(None)  # back to "not chosen yet": Triton picks again on next use
+
+
+# ----------------------------------------------------------------------------- inspection
+
+_VEC128 = re.compile(r"\b(ld|st)\.global[\w:.]*\.(v4\.[bfus]32|v2\.[bfus]64)\b")
+_SCALAR16 = re.compile(r"\b(ld|st)\.global[\w:.]*\.[bfus]16\b")
+
+
+def _res_usage(cubin: bytes, kernel: str) -> dict:
+    """REG, STACK, SHARED, LOCAL of the kernel, from ``cuobjdump -res-usage``."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", fh.name],
+                              capture_output=True, text=True, check=True).stdout
+    m = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", text)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage did not list {kernel}:\n{text}")
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", m.group(1))}
+
+
+def narrow_stride_mults(ttir: str, level: int) -> list[str]:
+    """Lines of the Triton IR that multiply by a stride argument (or a value made from one by
+    extension, splat or broadcast) in 32 bits where the indexing level forbids it: scalar
+    products (a tile's origin) at level 1, every product at level 2."""
+    derived = set(STRIDE_ARGS)
+    bad = []
+    for line in ttir.splitlines():
+        m = re.match(r"\s*%([\w.]+) = (\S+) (.*?) : (.*?)(?: loc\(|$)", line)
+        if m is None:
+            continue
+        name, op, operands, result_type = m.groups()
+        used = {o.lstrip("%").split("#")[0] for o in re.findall(r"%[\w.#]+", operands)}
+        if not used & derived:
+            continue
+        if op in ("arith.extsi", "tt.splat", "tt.broadcast", "tt.expand_dims"):
+            derived.add(name)
+        elif op == "arith.muli":
+            scalar = result_type.strip() == "i32"
+            vector32 = result_type.strip().endswith("xi32>")
+            if scalar or (level == 2 and vector32):
+                bad.append(line.strip())
+    return bad
+
+
+def inspect_kernel(compiled, variant: Variant) -> None:
+    """Fill in the variant's resource usage and code facts from the compiled kernel."""
+    variant.usage = _res_usage(compiled.asm["cubin"], variant.kernel)
+    variant.shared_dynamic = int(compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    for m in _VEC128.finditer(ptx):
+        if m.group(1) == "ld":
+            variant.vector_loads += 1
+        else:
+            variant.vector_stores += 1
+    variant.scalar_16bit = len(_SCALAR16.findall(ptx))
+    if variant.constexprs.get("I64"):
+        variant.narrow_stride_mults = narrow_stride_mults(compiled.asm["ttir"],
+                                                          variant.constexprs["I64"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _make_inputs(case: Case):
+    import torch
+
+    from batchnorm._shapes import resolve_layout
+
+    dtype = getattr(torch, case.dtype)
+    meta = dict(device="meta", dtype=dtype)
+    if case.memory_format == "strided_i64":
+        n, c, h, w = case.shape
+        big = 2**31 // (c * h * w) + 1  # the sample stride alone passes 2**31 elements
+        x = torch.empty((n * big, c, h, w), **meta)[::big]
+    elif case.memory_format == "contiguous":
+        x = torch.empty(case.shape, **meta)
+    else:
+        x = torch.empty(case.shape, **meta, memory_format=getattr(torch, case.memory_format))
+    kwargs = {"mode": case.mode, "channel_axis": case.channel_axis}
+    layout = resolve_layout(tuple(x.shape), **kwargs)
+    p = layout.param_shape
+    vec = dict(device="meta", dtype=torch.float32)
+    gamma = torch.empty(p, **vec) if case.affine[0] else None
+    beta = torch.empty(p, **vec) if case.affine[1] else None
+    rm = torch.empty(p, **vec) if case.running[0] else None
+    rv = torch.empty(p, **vec) if case.running[1] else None
+    return x, layout, gamma, beta, rm, rv
+
+
+def run_case(case: Case, plans: list) -> None:
+    """Call the launcher of the case's pass (under :func:`compiling_for`), first appending
+    the plan it will follow to ``plans``."""
+    import torch
+
+    from batchnorm.backends import gpu
+
+    x, layout, gamma, beta, rm, rv = _make_inputs(case)
+    dy = torch.empty_like(x)
+    plans.append(gpu.launch_plan(case.pass_, x, layout, dy=dy, check_finite=case.check_finite))
+    stat = torch.empty(layout.param_shape, device="meta", dtype=torch.float32)
+    if case.pass_ == "forward":
+        gpu.forward_training(x, gamma, beta, layout, eps=1e-5, momentum=0.1, running_mean=rm,
+                             running_var=rv, check_finite=case.check_finite)
+    elif case.pass_ == "inference":
+        gpu.forward_inference(x, gamma, beta, stat, stat, layout, eps=1e-5)
+    else:
+        gpu.backward(dy, x, gamma, stat, stat, layout, training=case.pass_ == "backward")
+
+
+def compile_all(arch: int, grid: list[Case] | None = None) -> list[Variant]:
+    """Compile every distinct variant the grid's launches choose, for sm_<arch>."""
+    import torch
+
+    variants: dict[tuple, Variant] = {}
+    current: list[Case] = []
+    plans: list = []
+
+    def record(kernel, grid_, args, kwargs):
+        fn = kernel.fn
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        params = {k: v for k, v in kwargs.items() if k not in options}
+        bound = inspect.signature(fn).bind(*args, **params)
+        constexprs = {p.name: bound.arguments[p.name] for p in kernel.params
+                      if p.is_constexpr and p.name in bound.arguments}
+        constexprs.update(options)
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in bound.arguments.items()
+                  if isinstance(v, torch.Tensor)}
+        case, aligned = current[0], plans[-1].aligned
+        key = (fn.__name__, tuple(sorted(dtypes.items())), tuple(sorted(constexprs.items())),
+               aligned)
+        if key in variants:
+            return None
+        v = Variant(fn.__name__, arch, constexprs, dtypes, case.label, aligned)
+        variants[key] = v
+        wrapped = [_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
+        wrapped_kw = {k: _Pointer(a) if isinstance(a, torch.Tensor) else a
+                      for k, a in kwargs.items()}
+        t0 = time.perf_counter()
+        try:
+            compiled = kernel.run(*wrapped, grid=grid_, warmup=True, **wrapped_kw)
+            inspect_kernel(compiled, v)
+        except Exception as exc:  # reported per variant, with the kernel and constexprs
+            v.error = f"{type(exc).__name__}: {exc}"[:2000]
+            if os.environ.get("BATCHNORM_COMPILE_TRACE"):
+                traceback.print_exc()
+        v.seconds = time.perf_counter() - t0
+        return None
+
+    with compiling_for(arch, record):
+        for case in cases() if grid is None else grid:
+            current[:] = [case]
+            run_case(case, plans)
+    return list(variants.values())
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit() or int(args[0]) not in SMS:
+        print(f"usage: python tests/gpu_compile.py {{{'|'.join(map(str, SMS))}}}",
+              file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
+        return 2
+    for v in compile_all(int(args[0])):
+        print(json.dumps(v.__dict__, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
