@@ -136,3 +136,38 @@ def test_unknown_pass_is_refused():
     x = meta((2, 3))
     with pytest.raises(ValueError, match="unknown pass"):
         gpu.launch_plan("sideways", x, resolve_layout(x.shape))
+
+
+def test_bench_gpu_plan_command(tmp_path, capsys):
+    """``batchnorm bench --gpu-plan``: every ResNet-50 layer, both dtypes and layouts, the
+    three passes; the output says it is a model, not a timing."""
+    from batchnorm import cli
+    from batchnorm.cli import gpu_plan
+
+    path = tmp_path / "plans.csv"
+    assert cli.main(["bench", "--gpu-plan", "--batch", "32", "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not a timing") >= 5  # the heading, every table title, the totals
+    assert "network totals" in out and "targets (forward and backward)" in out
+    rows = path.read_text().splitlines()
+    assert len(rows) == 1 + 12 * len(gpu_plan.DTYPES) * len(gpu_plan.LAYOUTS) * 3
+
+
+def test_target_check():
+    from batchnorm.cli import gpu_plan
+
+    def row(**kw):
+        base = dict(batch=32, dtype="float16", layout="nchw", channels=64, hw=56, count=1,
+                    x_bytes=2 << 20, pass_="forward", algorithm="split", bytes_moved=150,
+                    min_bytes=100, ratio=1.5, launches=3, programs_per_sm=4.0)
+        return {**base, **kw}
+
+    assert len(gpu_plan.check_targets([row(bytes_moved=115)])) == 0
+    misses = gpu_plan.check_targets([row(), row(channels=128, bytes_moved=100, launches=4,
+                                             programs_per_sm=1.5)])
+    # network total 250 / 200 = 1.25x; the second layer: 4 launches and 1.5 programs per SM
+    assert len(misses) == 3
+    assert "1.250x" in misses[0] and "4 launches" in misses[1] and "1.50 programs" in misses[2]
+    # small layers and inference are not held to the waves and launch targets
+    assert gpu_plan.check_targets([row(x_bytes=1 << 19, programs_per_sm=0.5, bytes_moved=100),
+                                   row(pass_="inference", launches=9, bytes_moved=100)]) == []

@@ -40,6 +40,7 @@ from collections import defaultdict
 import numpy as np
 
 from .._cache import cache_level
+from . import gpu_plan
 from ._console import console, progress_bar, table
 from .networks import EXTRA, RESNET50
 
@@ -69,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "see batchnorm.cli.bench_train for its own knobs")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start measurement (two subprocesses)")
+    gpu_plan.add_arguments(parser)
 
 
 PAUSE_S = 0.05  # idle time before each provider's block (other runtime's spinning threads)
@@ -296,6 +298,8 @@ def _train_step(args, batch: int, reps: int, threads: int) -> int:
 
 def run(args) -> int:
     """Run the suite described by ``args`` (see :func:`add_arguments`); 0 on success."""
+    if args.gpu_plan:
+        return gpu_plan.run(args)
     import numba
 
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
