@@ -1,29 +1,29 @@
-"""GPU benchmark: the Triton backend vs PyTorch (cuDNN / native at defaults) vs torch.compile.
+"""One command on a GPU: check every gpu kernel against the reference, then time them.
 
-Shapes are the 53 BN layers of ResNet-50 (12 distinct shapes, weighted by count in the
-network total) at batch 32 and 256, float16 / bfloat16 / float32, NCHW and NHWC (a
-channels_last NCHW tensor, which is how PyTorch holds NHWC). Passes: forward training
-(with the running-statistics update) and backward (training).
+1. Check. On small shapes chosen so that each kernel runs (the persistent and the split
+   algorithm of every pass, check_finite on and off, a NaN channel that must be flagged),
+   in float16, bfloat16 and float32, NCHW and channels-last, the gpu backend's results are
+   compared with the float64 reference; a mismatch, or a kernel no case reached, stops the
+   run with exit status 1 before anything is timed.
+2. Time. ResNet-50's 53 BN layers (12 distinct shapes, weighted by how often each occurs) at
+   batch 32 and 256, float16 / float32 / bfloat16, NCHW and channels-last: forward training
+   (with the running-statistics update), backward (training) and inference, the gpu backend
+   against ``torch.nn.functional.batch_norm`` (cuDNN or PyTorch's native kernels, at their
+   defaults) and a device-to-device copy of x's bytes (``B_copy = 2 bytes(x) / t_copy``).
+   ``triton.testing.do_bench``: CUDA events, L2 flushed before every repetition; medians.
+   PyTorch's backward is ``torch.autograd.grad`` through its BN node on a prebuilt graph.
+3. Report. ``f = minimum bytes / (t * B_copy)``: the minimum reads x once and writes y once
+   (forward, inference), reads x and dy once and writes dx once (backward). Per layer rows
+   go to a CSV, network totals to a markdown table; both name the device and versions.
 
-Before anything is timed, every provider's results are checked against the float64
-reference on small shapes (both of our algorithms, every dtype and layout); a mismatch
-stops the script with exit status 1.
+Everything, compilation included, fits in ``--budget`` seconds (default 210, under four
+minutes with start-up): groups are timed in order of priority (float16 and float32 before
+bfloat16), each group's shapes in one go, and no new shape starts once the budget is spent;
+the report then says what was not timed. Progress is printed as it goes.
 
-Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repetition);
-median and 10 / 90 % quantiles. PyTorch's backward is timed as ``torch.autograd.grad`` on
-a prebuilt graph (the BN backward node alone, as autograd runs it). torch.compile compiles
-the forward ``F.batch_norm`` call and the backward formula of contract §1.
-Every provider allocates its outputs fresh on each call (the caching allocator makes that
-cheap on both sides).
-
-f: ``B_copy`` is the bandwidth of a device-to-device copy of a tensor of x's size, measured
-in the same run; ``f_fwd = 2 bytes(x) / (t B_copy)``, ``f_bwd = 3 bytes(x) / (t B_copy)``;
-``f_alg`` counts the traffic of the algorithm actually used (the split path reads x, and in
-backward x and dy, twice).
-
-Usage: ``python benchmarks/gpu.py [--quick] [--csv FILE]`` on a machine with a CUDA GPU.
-``--quick`` runs batch 32 only. The script stops timing new shapes after ``--budget``
-seconds (default 270) so the whole run stays under five minutes.
+Usage (a CUDA GPU): ``python benchmarks/gpu.py [--quick] [--csv F] [--markdown F]``.
+With ``TRITON_INTERPRET=1`` on a machine without one it runs the check alone, on CPU tensors
+through Triton's interpreter (tiny shapes), which is how the test suite exercises it.
 """
 
 from __future__ import annotations
@@ -31,302 +31,408 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import io
 import os
-import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import triton
-import triton.testing
+if __name__ == "__main__":  # run from a checkout: the package next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from batchnorm.cli._console import console  # noqa: E402
+from batchnorm.cli.networks import resnet50_shapes  # noqa: E402
 
-from batchnorm import reference as ref  # noqa: E402
-from batchnorm._shapes import resolve_layout  # noqa: E402
-from batchnorm.backends import gpu  # noqa: E402
-
-# (channels, height = width) -> number of such BN layers in ResNet-50 (53 in all)
-RESNET50 = [(64, 112, 1), (64, 56, 6), (256, 56, 4), (128, 56, 1), (128, 28, 7), (512, 28, 5),
-            (256, 28, 1), (256, 14, 11), (1024, 14, 7), (512, 14, 1), (512, 7, 5), (2048, 7, 4)]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-LAYOUTS = ("NCHW", "NHWC")
+START = time.monotonic()  # the budget counts from here, before torch is even imported
 EPS, MOMENTUM = 1e-5, 0.1
-# TRITON_INTERPRET=1 runs only the correctness check, on CPU (a smoke test of this script)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-TOL = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+DTYPES = ("float16", "float32", "bfloat16")  # priority order: the targets' dtypes first
+LAYOUTS = ("nchw", "nhwc")
+BATCHES = (32, 256)
+PASSES = ("forward", "backward", "inference")
+PROVIDERS = ("ours", "torch", "copy")
+# Largest relative error (to the reference's largest magnitude) the check accepts for y and
+# dx, by input dtype: a few units in the last place of the output dtype. Statistics are
+# float32 for every input dtype; dgamma / dbeta are sums over the channel.
+CHECK_TOLERANCE = {"float32": 1e-4, "float16": 8e-3, "bfloat16": 6e-2}
+STAT_TOLERANCE = 1e-4
+SUM_TOLERANCE = 1e-3
+# Check shapes: one small enough for the persistent kernels, one only the split kernels take.
+CHECK_SHAPES = ((4, 16, 8, 8), (32, 8, 64, 64))
+GPU_TARGET_F, GPU_TARGET_SPEEDUP = 0.85, 1.2
 
 
-def make_x(n, c, hw, dtype, layout, seed=0):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    x = torch.randn((n, c, hw, hw), device=DEVICE, generator=gen) * 2 + 0.5
-    x = x.to(dtype)
-    if layout == "NHWC":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 32 only")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--budget", type=float, default=210.0,
+                    help="seconds for the whole run, compilation included (default 210)")
+    ap.add_argument("--rep-ms", type=int, default=20, help="do_bench time per measurement")
+    ap.add_argument("--csv", type=Path, default=Path("gpu_bench.csv"))
+    ap.add_argument("--markdown", type=Path, default=Path("gpu_bench.md"))
+    args = ap.parse_args(argv)
+    args.batches = [32] if args.quick else [int(b) for b in args.batches.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.layouts = args.layouts.split(",")
+    for d in args.dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d!r}; valid choices are {', '.join(DTYPES)}")
+    for lay in args.layouts:
+        if lay not in LAYOUTS:
+            ap.error(f"unknown layout {lay!r}; valid choices are {', '.join(LAYOUTS)}")
+    if args.budget <= 0 or args.rep_ms <= 0:
+        ap.error("--budget and --rep-ms must be positive")
+    return args
 
 
-def params(c):
-    g = torch.linspace(0.5, 1.5, c, device=DEVICE)
-    b = torch.linspace(-0.2, 0.2, c, device=DEVICE)
-    return g, b, torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+class Budget:
+    """Seconds left of the run's budget, counted from ``start`` on ``clock``."""
+
+    def __init__(self, seconds: float, start: float | None = None, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.start = clock() if start is None else start
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def spent(self) -> bool:
+        return self.elapsed() >= self.seconds
 
 
-# ----------------------------------------------------------------------------- providers
+# ----------------------------------------------------------------------------- inputs
 
 
-def ours_fwd(x, g, b, rm, rv, lay):
-    return gpu.forward_training(x, g, b, lay, eps=EPS, momentum=MOMENTUM, running_mean=rm,
-                                running_var=rv)
+def make_x(shape, dtype, layout: str, device, seed=0):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
 
 
-def ours_bwd(dy, x, g, mean, invstd, lay):
-    return gpu.backward(dy, x, g, mean, invstd, lay, training=True)
+def make_params(c, device):
+    import torch
+
+    return (torch.linspace(0.5, 1.5, c, device=device), torch.linspace(-0.2, 0.2, c,
+                                                                        device=device),
+            torch.zeros(c, device=device), torch.ones(c, device=device))
 
 
-def torch_fwd(x, g, b, rm, rv):
-    return F.batch_norm(x, rm, rv, g, b, training=True, momentum=MOMENTUM, eps=EPS)
+# ----------------------------------------------------------------------------- check
 
 
-def _bwd_formula(dy, x, g, mean, invstd):
-    # contract §1, written in torch ops for torch.compile to fuse
-    dims = (0, 2, 3)
-    m = x.numel() // x.shape[1]
-    mean, invstd, g = (t.view(1, -1, 1, 1) for t in (mean, invstd, g))
-    xf, dyf = x.float(), dy.float()
-    xhat = (xf - mean) * invstd
-    dbeta = dyf.sum(dims, keepdim=True)
-    dgamma = (dyf * xhat).sum(dims, keepdim=True)
-    dx = g * invstd * (dyf - (dbeta + xhat * dgamma) / m)
-    return dx.to(x.dtype), dgamma.flatten(), dbeta.flatten()
+@dataclass
+class CheckResult:
+    mismatches: list[str] = field(default_factory=list)
+    reached: set = field(default_factory=set)  # (pass, algorithm) the check cases ran
+
+    @property
+    def missed(self) -> set:
+        """(pass, algorithm) pairs no case reached (inference has the apply kernel only)."""
+        want = {(p, a) for p in ("forward", "backward", "backward_inference")
+                for a in ("persistent", "split")} | {("inference", "split")}
+        return want - self.reached
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.missed
 
 
-compiled_fwd = torch.compile(torch_fwd, dynamic=True)
-compiled_bwd = torch.compile(_bwd_formula, dynamic=True)
+def _err(got, want) -> float:
+    import numpy as np
+
+    got = got.detach().double().cpu().numpy()
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    return float(np.abs(got - want).max()) / scale if want.size else 0.0
 
 
-def torch_bwd_closure(x, g, b, rm, rv, dy):
-    """A callable that runs PyTorch's own BN backward node on a graph built once."""
-    xr, gr, br = x.detach().requires_grad_(), g.detach().requires_grad_(), \
-        b.detach().requires_grad_()
-    y = F.batch_norm(xr, rm.clone(), rv.clone(), gr, br, training=True, momentum=MOMENTUM,
-                     eps=EPS)
-    return lambda: torch.autograd.grad(y, (xr, gr, br), dy, retain_graph=True)
+def check(device, shapes=CHECK_SHAPES, dtypes=DTYPES, layouts=LAYOUTS) -> CheckResult:
+    """Every pass of the gpu backend against the float64 reference (see the module notes)."""
+    import torch
 
+    from batchnorm import reference as ref
+    from batchnorm._shapes import resolve_layout
+    from batchnorm.backends import gpu
 
-# ----------------------------------------------------------------------------- checks
-
-
-def check(verbose=True) -> bool:
-    """Every provider against the float64 reference on small shapes; True when all agree."""
-    ok = True
-    # (2, 8, 6, 6): persistent path; (8, 4, 48, 48): split path (M = 18432)
-    for n, c, hw in [(2, 8, 6), (8, 4, 48)]:
-        for dname, dtype in DTYPES.items():
-            for layout in LAYOUTS:
-                x = make_x(n, c, hw, dtype, layout, seed=1)
-                dy = make_x(n, c, hw, dtype, layout, seed=2) - 0.5
-                g, b, rm, rv = params(c)
-                lay = resolve_layout(tuple(x.shape))
+    res = CheckResult()
+    for shape in shapes:
+        for dname in dtypes:
+            dtype = getattr(torch, dname)
+            for lay in layouts:
+                x = make_x(shape, dtype, lay, device, seed=1)
+                dy = make_x(shape, dtype, lay, device, seed=2) - 0.5
+                g, b, rm, rv = make_params(shape[1], device)
+                layout = resolve_layout(tuple(shape))
+                where = f"{tuple(shape)} {dname} {lay}"
+                for pass_ in gpu.PASSES:
+                    res.reached.add((pass_, gpu.launch_plan(pass_, x, layout, dy=dy)
+                                     .algorithm))
                 x64, dy64 = x.double().cpu().numpy(), dy.double().cpu().numpy()
-                rm_r, rv_r = rm.cpu().numpy().astype(np.float64), rv.cpu().numpy().astype(
-                    np.float64)
+                g64, b64 = g.double().cpu().numpy(), b.double().cpu().numpy()
+                rm64, rv64 = rm.double().cpu().numpy(), rv.double().cpu().numpy()
                 y_r, mean_r, inv_r, _ = ref.forward_training(
-                    x64, g.cpu().numpy(), b.cpu().numpy(), lay, eps=EPS, momentum=MOMENTUM,
-                    running_mean=rm_r, running_var=rv_r)
-                dx_r, dg_r, db_r = ref.backward(dy64, x64, g.cpu().numpy(), mean_r, inv_r, lay)
-                tol = TOL[dtype]
-                got = {}
-                rm1, rv1 = rm.clone(), rv.clone()
-                y, mean, inv, _ = ours_fwd(x, g, b, rm1, rv1, lay)
-                got["ours"] = (y, mean, inv, rm1, rv1, *ours_bwd(dy, x, g, mean, inv, lay))
-                rm2, rv2 = rm.clone(), rv.clone()
-                y2 = torch_fwd(x, g, b, rm2, rv2)
-                dx2, dg2, db2 = torch_bwd_closure(x, g, b, rm, rv, dy)()
-                got["torch"] = (y2, None, None, rm2, rv2, dx2, dg2, db2)
-                rm3, rv3 = rm.clone(), rv.clone()
-                cf, cb = (torch_fwd, _bwd_formula) if INTERPRET else (compiled_fwd, compiled_bwd)
-                y3 = cf(x, g, b, rm3, rv3)
-                got["compile"] = (y3, None, None, rm3, rv3,
-                                  *cb(dy, x, g, torch.from_numpy(mean_r).to(DEVICE).float(),
-                                                torch.from_numpy(inv_r).to(DEVICE).float()))
-                want = (y_r, mean_r, inv_r, rm_r, rv_r, dx_r, dg_r, db_r)
-                names = ("y", "mean", "invstd", "running_mean", "running_var", "dx", "dgamma",
-                         "dbeta")
-                for prov, vals in got.items():
-                    for name, v, w in zip(names, vals, want, strict=True):
-                        if v is None:
-                            continue
-                        v = v.detach().double().cpu().numpy()
-                        scale = max(1.0, float(np.abs(w).max()))
-                        err = float(np.abs(v - w).max()) / scale
-                        # statistics are float32 for every dtype; dgamma/dbeta are sums
-                        t = 1e-4 if name in names[1:5] else tol
-                        t = t * 10 if name in ("dgamma", "dbeta") else t
-                        if not err <= t:
-                            ok = False
-                            print(f"MISMATCH {prov} {name} shape={tuple(x.shape)} {dname} "
-                                  f"{layout}: max rel err {err:.3g} > {t:.1g}")
-    if verbose:
-        print("correctness check vs the float64 reference:", "passed" if ok else "FAILED")
-    return ok
+                    x64, g64, b64, layout, eps=EPS, momentum=MOMENTUM, running_mean=rm64,
+                    running_var=rv64)
+                tol = CHECK_TOLERANCE[dname]
+                for check_finite in (False, True):
+                    rm1, rv1 = rm.clone(), rv.clone()
+                    y, mean, inv, bad = gpu.forward_training(
+                        x, g, b, layout, eps=EPS, momentum=MOMENTUM, running_mean=rm1,
+                        running_var=rv1, check_finite=check_finite)
+                    got = [("y", y, y_r, tol), ("mean", mean, mean_r, STAT_TOLERANCE),
+                           ("invstd", inv, inv_r, STAT_TOLERANCE),
+                           ("running_mean", rm1, rm64, STAT_TOLERANCE),
+                           ("running_var", rv1, rv64, STAT_TOLERANCE)]
+                    for name, v, w, t in got:
+                        if not _err(v, w) <= t:
+                            res.mismatches.append(f"forward {name} {where} check_finite="
+                                                  f"{check_finite}: max rel err "
+                                                  f"{_err(v, w):.3g} > {t:g}")
+                    if check_finite and bool(bad.any()):
+                        res.mismatches.append(f"forward {where}: finite input flagged")
+                y_i = gpu.forward_inference(x, g, b, rm, rv, layout, eps=EPS)
+                w = ref.forward_inference(x64, g64, b64, rm.double().cpu().numpy(),
+                                          rv.double().cpu().numpy(), layout, eps=EPS)
+                if not _err(y_i, w) <= tol:
+                    res.mismatches.append(f"inference y {where}: max rel err "
+                                          f"{_err(y_i, w):.3g} > {tol:g}")
+                for training in (True, False):
+                    dx, dg, db = gpu.backward(dy, x, g, mean, inv, layout, training=training)
+                    dx_r, dg_r, db_r = ref.backward(dy64, x64, g64, mean.double().cpu().numpy(),
+                                                    inv.double().cpu().numpy(), layout,
+                                                    training=training)
+                    for name, v, w, t in (("dx", dx, dx_r, tol), ("dgamma", dg, dg_r,
+                                                                  SUM_TOLERANCE),
+                                          ("dbeta", db, db_r, SUM_TOLERANCE)):
+                        if not _err(v, w) <= t:
+                            res.mismatches.append(f"backward {name} {where} training="
+                                                  f"{training}: max rel err {_err(v, w):.3g} "
+                                                  f"> {t:g}")
+                # a NaN in channel 1 must be flagged, and only there
+                xn = x.clone()
+                xn[:, 1] = float("nan")
+                _, _, _, bad = gpu.forward_training(xn, g, b, layout, eps=EPS,
+                                                    check_finite=True)
+                if bad.cpu().tolist() != [c == 1 for c in range(shape[1])]:
+                    res.mismatches.append(f"check_finite {where}: flagged {bad.cpu().tolist()}")
+    return res
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def bench(fn, rep_ms):
-    med, lo, hi = triton.testing.do_bench(fn, warmup=5, rep=rep_ms, quantiles=[0.5, 0.1, 0.9])
-    return med * 1e-3, lo * 1e-3, hi * 1e-3
+@dataclass(frozen=True)
+class Group:
+    """The shapes timed together: one network at one batch, dtype and layout."""
+
+    dtype: str
+    batch: int
+    layout: str
 
 
-_copy_cache: dict[int, float] = {}
+def groups(batches, dtypes, layouts) -> list[Group]:
+    """In priority order: dtype first (the targets' float16 / float32 before bfloat16)."""
+    return [Group(d, b, lay) for d in dtypes for b in batches for lay in layouts]
 
 
-def copy_time(nbytes, rep_ms):
-    """Median time of a device-to-device copy of nbytes (read nbytes, write nbytes)."""
-    if nbytes not in _copy_cache:
-        src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-        dst = torch.empty_like(src)
-        _copy_cache[nbytes] = bench(lambda: dst.copy_(src), rep_ms)[0]
-    return _copy_cache[nbytes]
-
-
-def persistent(x, lay, limit=None):
-    dims, _ = gpu._geometry([gpu._input3(x, lay)], lay.dims3)
-    return gpu._persistent_blocks(dims, limit) is not None
-
-
-def time_shape(batch, c, hw, count, dname, layout, rep_ms):
-    """CSV rows for one shape: each provider, forward training and backward."""
-    dtype = DTYPES[dname]
-    x = make_x(batch, c, hw, dtype, layout)
-    dy = make_x(batch, c, hw, dtype, layout, seed=3)
-    g, b, rm, rv = params(c)
-    lay = resolve_layout(tuple(x.shape))
-    nbytes = x.numel() * x.element_size()
-    b_copy = 2 * nbytes / copy_time(nbytes, rep_ms)
-    _, mean, inv, _ = ours_fwd(x, g, b, rm.clone(), rv.clone(), lay)
-    fwd_p = persistent(x, lay)
-    bwd_p = persistent(x, lay, gpu.PERSISTENT_MAX_ELEMS // 2)
-    # pass -> (providers, bytes moved in units of bytes(x): minimum, our algorithm's)
-    cases = {
-        "fwd": ({"ours": lambda: ours_fwd(x, g, b, rm, rv, lay),
-                 "torch": lambda: torch_fwd(x, g, b, rm, rv),
-                 "compile": lambda: compiled_fwd(x, g, b, rm, rv)},
-                2, 2 if fwd_p else 3, fwd_p),
-        "bwd": ({"ours": lambda: ours_bwd(dy, x, g, mean, inv, lay),
-                 "torch": torch_bwd_closure(x, g, b, rm, rv, dy),
-                 "compile": lambda: compiled_bwd(dy, x, g, mean, inv)},
-                3, 3 if bwd_p else 5, bwd_p),
-    }
-    rows = []
-    for pas, (provs, traffic, traffic_alg, is_persistent) in cases.items():
-        times = {p: bench(fn, rep_ms) for p, fn in provs.items()}
-        for p, (med, lo, hi) in times.items():
-            ours = p == "ours"
-            rows.append(dict(
-                provider=p, pass_=pas, batch=batch, channels=c, hw=hw, count=count,
-                dtype=dname, layout=layout, median_us=med * 1e6, p10_us=lo * 1e6,
-                p90_us=hi * 1e6, f=traffic * nbytes / (med * b_copy),
-                f_alg=(traffic_alg if ours else traffic) * nbytes / (med * b_copy),
-                ratio_vs_torch=times["torch"][0] / med, copy_gbps=b_copy / 1e9,
-                algorithm=("persistent" if is_persistent else "split") if ours else "",
-            ))
-    return rows
-
-
-def run(batches, dtypes, layouts, budget_s, rep_ms):
-    """All shapes, stopping (and counting what was skipped) once budget_s has passed."""
-    rows, skipped = [], 0
-    t_start = time.time()
-    for batch in batches:
-        for dname in dtypes:
-            for layout in layouts:
-                for c, hw, count in RESNET50:
-                    if time.time() - t_start > budget_s:
-                        skipped += 1
-                        continue
-                    rows += time_shape(batch, c, hw, count, dname, layout, rep_ms)
+def run_groups(todo: list[Group], time_group, budget: Budget, progress=console):
+    """Time each group in turn until the budget is spent; ``time_group(group, budget)``
+    returns the group's rows, or None when it stopped part-way (budget spent). Returns
+    (rows, groups not completed)."""
+    rows, skipped = [], []
+    for grp in todo:
+        if budget.spent():
+            skipped.append(grp)
+            continue
+        got = time_group(grp, budget)
+        if got is None:
+            skipped.append(grp)
+            continue
+        rows += got
+        progress(f"[{budget.elapsed():5.0f} s] {grp.dtype} batch {grp.batch} {grp.layout}: "
+                 + ", ".join(f"{p} {t:.2f}x torch" for p, t in
+                             network_speedups(got).items()))
     return rows, skipped
 
 
-def report(rows, skipped, header):
-    print(header)
-    key = lambda r: (r["pass_"], r["batch"], r["dtype"], r["layout"])  # noqa: E731
-    groups = {}
+def _calls(x, dy, layout):
+    """pass -> (ours, torch's) zero-argument callables on one layer's tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    from batchnorm.backends import gpu
+
+    g, b, rm, rv = make_params(x.shape[1], x.device)
+    _, mean, inv, _ = gpu.forward_training(x, g, b, layout, eps=EPS)
+    # PyTorch's backward: its BN node alone, on a graph built once
+    xr, gr, br = (t.detach().requires_grad_() for t in (x, g, b))
+    y_t = F.batch_norm(xr, rm.clone(), rv.clone(), gr, br, training=True, momentum=MOMENTUM,
+                       eps=EPS)
+    return {
+        "forward": (lambda: gpu.forward_training(x, g, b, layout, eps=EPS, momentum=MOMENTUM,
+                                                 running_mean=rm, running_var=rv),
+                    lambda: F.batch_norm(x, rm, rv, g, b, training=True, momentum=MOMENTUM,
+                                         eps=EPS)),
+        "backward": (lambda: gpu.backward(dy, x, g, mean, inv, layout),
+                     lambda: torch.autograd.grad(y_t, (xr, gr, br), dy, retain_graph=True)),
+        "inference": (lambda: gpu.forward_inference(x, g, b, rm, rv, layout, eps=EPS),
+                      lambda: F.batch_norm(x, rm, rv, g, b, training=False, eps=EPS)),
+    }
+
+
+def time_group(grp: Group, budget: Budget, rep_ms: int) -> list[dict] | None:
+    """Rows for every layer and pass of one group; None if the budget ran out first."""
+    import torch
+    import triton.testing
+
+    from batchnorm._shapes import resolve_layout
+    from batchnorm.backends import gpu
+
+    def bench(fn):
+        med, lo, hi = triton.testing.do_bench(fn, warmup=5, rep=rep_ms,
+                                              quantiles=[0.5, 0.1, 0.9])
+        return med * 1e3, lo * 1e3, hi * 1e3  # microseconds
+
+    dtype = getattr(torch, grp.dtype)
+    rows = []
+    for shape, count in resnet50_shapes(grp.batch):
+        if budget.spent():
+            return None
+        x = make_x(shape, dtype, grp.layout, "cuda")
+        dy = make_x(shape, dtype, grp.layout, "cuda", seed=3)
+        layout = resolve_layout(shape)
+        dst = torch.empty_like(x)
+        t_copy = bench(lambda: dst.copy_(x))  # noqa: B023 (called before the next iteration)
+        for pass_, (ours, theirs) in _calls(x, dy, layout).items():
+            plan = gpu.launch_plan(pass_, x, layout, dy=dy)
+            k = 1.5 if pass_ == "backward" else 1.0  # minimum bytes in copies of x
+            for provider, t in (("ours", bench(ours)), ("torch", bench(theirs)),
+                                ("copy", t_copy)):
+                rows.append(dict(
+                    dtype=grp.dtype, batch=grp.batch, layout=grp.layout, channels=shape[1],
+                    hw=shape[2], count=count, pass_=pass_, provider=provider,
+                    median_us=t[0], p10_us=t[1], p90_us=t[2], copy_us=t_copy[0],
+                    f=k * t_copy[0] / t[0], bytes=x.numel() * x.element_size(),
+                    algorithm=plan.algorithm if provider == "ours" else "",
+                    plan_traffic=round(plan.traffic_ratio, 4) if provider == "ours" else ""))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def network_totals(rows) -> dict[tuple, dict]:
+    """(dtype, batch, layout, pass) -> {provider: weighted microseconds}, plus the copy
+    time scaled to the pass's minimum bytes under "copy_min"."""
+    out: dict[tuple, dict] = {}
     for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    for (pas, batch, dname, layout), rs in groups.items():
-        print(f"\n== {pas}  batch {batch}  {dname}  {layout} ==")
-        print(f"{'C':>5} {'HxW':>7} {'n':>3} {'ours us':>9} {'torch us':>9} {'compile us':>10} "
-              f"{'torch/ours':>10} {'f':>5} {'f_alg':>5} {'algorithm':>10} {'copy GB/s':>9}")
-        by_shape = {}
-        for r in rs:
-            by_shape.setdefault((r["channels"], r["hw"], r["count"]), {})[r["provider"]] = r
-        totals = {"ours": 0.0, "torch": 0.0, "compile": 0.0}
-        fs = []
-        for (c, hw, count), p in by_shape.items():
-            o = p["ours"]
-            print(f"{c:>5} {hw:>3}x{hw:<3} {count:>3} {o['median_us']:>9.1f} "
-                  f"{p['torch']['median_us']:>9.1f} {p['compile']['median_us']:>10.1f} "
-                  f"{o['ratio_vs_torch']:>10.2f} {o['f']:>5.2f} {o['f_alg']:>5.2f} "
-                  f"{o['algorithm']:>10} {o['copy_gbps']:>9.0f}")
-            for name in totals:
-                totals[name] += count * p[name]["median_us"]
-            fs.append(o["f"])
-        print(f"network total (53 layers, us): ours {totals['ours']:.0f}  torch "
-              f"{totals['torch']:.0f}  compile {totals['compile']:.0f}  "
-              f"torch/ours {totals['torch'] / totals['ours']:.2f}  median f "
-              f"{statistics.median(fs):.2f}")
-    if skipped:
-        print(f"\n{skipped} shape configurations were not timed (time budget reached)")
+        key = (r["dtype"], r["batch"], r["layout"], r["pass_"])
+        t = out.setdefault(key, {})
+        t[r["provider"]] = t.get(r["provider"], 0.0) + r["count"] * r["median_us"]
+        if r["provider"] == "copy":
+            k = 1.5 if r["pass_"] == "backward" else 1.0
+            t["copy_min"] = t.get("copy_min", 0.0) + r["count"] * k * r["median_us"]
+    return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 32 only")
-    ap.add_argument("--dtypes", default="fp16,bf16,fp32")
-    ap.add_argument("--layouts", default="NCHW,NHWC")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds of timing at most")
-    ap.add_argument("--rep-ms", type=int, default=25, help="do_bench repetition time per case")
-    ap.add_argument("--csv", type=Path, help="also write the CSV rows to this file")
-    args = ap.parse_args(argv)
-    if INTERPRET:
-        print("TRITON_INTERPRET=1: correctness check only, on CPU (eager torch for 'compile')")
-        return 0 if check() else 1
+def network_speedups(rows) -> dict[str, float]:
+    """pass -> torch's network time over ours, for the rows of one group."""
+    return {key[3]: t["torch"] / t["ours"] for key, t in network_totals(rows).items()
+            if t.get("ours") and t.get("torch")}
+
+
+def markdown_table(rows, header: str) -> str:
+    """Network totals as a markdown table, with the targets' verdict per row."""
+    lines = [header, "",
+             "| dtype | batch | layout | pass | ours ms | torch ms | copy-equivalent ms | "
+             "f ours | f torch | speed-up |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (dname, batch, lay, pass_), t in network_totals(rows).items():
+        if not (t.get("ours") and t.get("torch") and t.get("copy_min")):
+            continue
+        lines.append(
+            f"| {dname} | {batch} | {lay} | {pass_} | {t['ours'] / 1e3:.3f} | "
+            f"{t['torch'] / 1e3:.3f} | {t['copy_min'] / 1e3:.3f} | "
+            f"{t['copy_min'] / t['ours']:.2f} | {t['copy_min'] / t['torch']:.2f} | "
+            f"{t['torch'] / t['ours']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def target_misses(rows) -> list[str]:
+    """GPU targets: f >= 0.85 and >= 1.2x torch's network total, float16 and float32."""
+    misses = []
+    for (dname, batch, lay, pass_), t in network_totals(rows).items():
+        if dname not in ("float16", "float32") or not (t.get("ours") and t.get("torch")):
+            continue
+        f, speedup = t["copy_min"] / t["ours"], t["torch"] / t["ours"]
+        if f < GPU_TARGET_F or speedup < GPU_TARGET_SPEEDUP:
+            misses.append(f"{dname} batch {batch} {lay} {pass_}: f {f:.2f} (target >= "
+                          f"{GPU_TARGET_F}), {speedup:.2f}x torch (target >= "
+                          f"{GPU_TARGET_SPEEDUP}x)")
+    return misses
+
+
+def write_csv(rows, path: Path, extra: dict) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*rows[0], *extra])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **extra})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget, start=START)
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        console("TRITON_INTERPRET=1: the check alone, on CPU tensors through the interpreter")
+        res = check("cpu", shapes=((2, 4, 3, 3),), dtypes=("float32",))
+        for m in res.mismatches:
+            console("MISMATCH " + m)
+        return 0 if not res.mismatches else 1
     if not torch.cuda.is_available():
-        print("benchmarks/gpu.py needs a CUDA GPU; none is available here", file=sys.stderr)
+        console("benchmarks/gpu.py needs a CUDA GPU; none is available here")
         return 2
-    dev = torch.cuda.get_device_name()
+    import triton
+
+    device = torch.cuda.get_device_name()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"batchnorm gpu benchmark: numbers from {dev}, measured {stamp}; torch "
-              f"{torch.__version__}, triton {triton.__version__}, cuDNN "
-              f"{torch.backends.cudnn.version()}; do_bench median, L2 flushed per repetition")
-    print(header)
-    if not check():
+    versions = (f"torch {torch.__version__}, triton {triton.__version__}, cuDNN "
+                f"{torch.backends.cudnn.version()}")
+    console(f"batchnorm gpu benchmark on {device} ({stamp}; {versions}); budget "
+            f"{args.budget:.0f} s")
+    res = check("cuda", dtypes=args.dtypes, layouts=args.layouts)
+    for m in res.mismatches:
+        console("MISMATCH " + m)
+    for p, a in sorted(res.missed):
+        console(f"NOT REACHED: no check case ran the {a} kernels of {p}")
+    if not res.ok:
         return 1
-    batches = [32] if args.quick else [32, 256]
-    rows, skipped = run(batches, args.dtypes.split(","), args.layouts.split(","), args.budget,
-                        args.rep_ms)
-    report(rows, skipped, header)
-    buf = io.StringIO()
-    fields = ["provider", "pass_", "batch", "channels", "hw", "count", "dtype", "layout",
-              "median_us", "p10_us", "p90_us", "f", "f_alg", "ratio_vs_torch", "copy_gbps",
-              "algorithm", "device", "date", "torch", "triton"]
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, "device": dev, "date": stamp, "torch": torch.__version__,
-                    "triton": triton.__version__})
-    print("\nCSV\n" + buf.getvalue())
-    if args.csv:
-        args.csv.write_text(buf.getvalue())
+    console(f"[{budget.elapsed():5.0f} s] check passed: every kernel agrees with the float64 "
+            "reference")
+    todo = groups(args.batches, args.dtypes, args.layouts)
+    rows, skipped = run_groups(todo, lambda g, b: time_group(g, b, args.rep_ms), budget)
+    header = (f"ResNet-50 BN layers (53, network totals), {device}, {stamp}; {versions}. "
+              "do_bench medians, L2 flushed before each repetition; f = minimum bytes / "
+              "(time x device-to-device copy bandwidth measured in the same run).")
+    if rows:
+        write_csv(rows, args.csv, {"device": device, "date": stamp, "versions": versions})
+        table_md = markdown_table(rows, header)
+        args.markdown.write_text(table_md)
+        console(table_md)
+        console(f"wrote {len(rows)} rows to {args.csv} and the table to {args.markdown}")
+        misses = target_misses(rows)
+        console("GPU targets (f >= 0.85 of the copy, >= 1.2x torch, network totals): " +
+                ("all met" if not misses else f"{len(misses)} not met"))
+        for m in misses:
+            console("  " + m)
+    if skipped:
+        console(f"budget of {args.budget:.0f} s spent: not timed: " +
+                "; ".join(f"{g.dtype} batch {g.batch} {g.layout}" for g in skipped))
+    console(f"[{budget.elapsed():5.0f} s] done")
     return 0
 
 
