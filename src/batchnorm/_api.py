@@ -36,8 +36,8 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
         gamma, beta: [param_shape] scale and shift, or None for no affine transform.
             ``param_shape`` is ``(C,)`` in the spatial modes and ``x.shape[1:]`` per activation.
         eps: added to the biased variance; finite and >= 0.
-        mode: ``"spatial"`` (the default), ``"spatial_persistent"`` (same result, single-read
-            algorithm) or ``"per_activation"``.
+        mode: ``"spatial"`` (the default), ``"spatial_persistent"`` (the same result and
+            algorithm choice, contract §2) or ``"per_activation"``.
         channel_axis: 1 for NCHW (the default), -1 for channels-last.
         running_mean, running_var: [param_shape] arrays updated IN PLACE with
             ``(1 - momentum) * running + momentum * batch`` (the variance unbiased), if given.
