@@ -33,6 +33,7 @@ backend for CPU data.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -184,15 +185,15 @@ def _split_blocks(dims) -> tuple[int, int, int]:
     return max(1, min(np2(A), TILE_ELEMS // (bb * bc))), bc, bb
 
 
-def _aligned(dims, tensors, strides) -> bool:
+def _aligned(dims, strides, misaligned) -> bool:
     """True when Triton can vectorize the tiles: every tensor is unit-stride along the tile's
-    contiguous axis (B, or C when B == 1), its other strides, that axis's length and its
-    address are multiples of 16 elements / bytes."""
+    contiguous axis (B, or C when B == 1), its other strides and that axis's length are
+    multiples of 16 elements, and its address of 16 bytes (``misaligned`` is each tensor's
+    address modulo 16)."""
     A, C, B = dims
-    for t, (sa, sc, sb) in zip(tensors, strides, strict=True):
+    for (sa, sc, sb), off in zip(strides, misaligned, strict=True):
         run, unit, other = (B, sb, sc) if B > 1 else (C, sc, 0)
-        if unit != 1 or run % 16 or sa % 16 or other % 16 or \
-                (t.storage_offset() * t.element_size()) % 16:
+        if unit != 1 or run % 16 or sa % 16 or other % 16 or off:
             return False
     return True
 
@@ -214,13 +215,14 @@ def _persistent_blocks(dims, tensors: int, aligned: bool) -> tuple[int, int, int
     return ba, bc, bb
 
 
-def _index_width(tensors, strides, blocks) -> int:
+def _index_width(dims3, strides3, strides, blocks) -> int:
     """The kernels' I64 level: 0 when every element offset fits in 32 bits; 1 when some
     offset reaches 2**31 but a tile's span from its origin does not (the origin is 64-bit);
-    2 when a span can reach it too (everything 64-bit)."""
+    2 when a span can reach it too (everything 64-bit). ``strides3`` are the tensors'
+    (A, C, B) strides before merging, ``strides`` after."""
     limit = 2**31 - 1
-    if all(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) < limit
-           for t in tensors):
+    if all(sum((n - 1) * abs(s) for n, s in zip(dims3, st, strict=True)) < limit
+           for st in strides3):
         return 0
     span = max(sum((k - 1) * abs(s) for k, s in zip(blocks, st, strict=True)) for st in strides)
     return 2 if span >= limit else 1
@@ -365,6 +367,13 @@ class LaunchPlan:
         return n / self.num_sms
 
 
+def _tuning() -> tuple:
+    """The module's tuning constants (part of the plan cache's key: tests change them)."""
+    return (PERSISTENT_MAX_ELEMS, PERSISTENT_MAX_ELEMS_CL, PERSISTENT_SMALL_BYTES,
+            PERSISTENT_MIN_WAVES, TILE_ELEMS, CL_BLOCK_C, PROGRAMS_PER_SM, FINALIZE_BLOCK_S,
+            FINALIZE_BLOCK_C)
+
+
 def _plan(pass_: str, dims3, tensors, itemsize: int, num_sms: int, *,
           check_finite: bool = False, copies: int = 0) -> LaunchPlan:
     """The plan of one call from its (A, C, B) tensors (real or meta).
@@ -375,17 +384,28 @@ def _plan(pass_: str, dims3, tensors, itemsize: int, num_sms: int, *,
         tensors: the (A, C, B) views the kernels stream, ``(x, y)`` or ``(x, dy, dx)``.
         copies: layout copies torch makes around the kernels (inputs without an (A, C, B)
             view, outputs written through a buffer); each reads and writes the tensor once.
+
+    Plans depend on geometry alone and a training loop repeats a few, so they are cached.
     """
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; valid choices are {PASSES}")
-    dims, strides = _merge(dims3, [t.stride() for t in tensors])
+    strides3 = tuple(t.stride() for t in tensors)
+    misaligned = tuple(t.storage_offset() * t.element_size() % 16 for t in tensors)
+    return _plan_geometry(pass_, tuple(dims3), strides3, misaligned, itemsize, num_sms,
+                          bool(check_finite), copies, _tuning())
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_geometry(pass_, dims3, strides3, misaligned, itemsize, num_sms, check_finite,
+                   copies, tuning) -> LaunchPlan:
+    dims, strides = _merge(dims3, strides3)
     A, C, B = dims
     if C > MAX_CHANNELS:  # channel indices and per-channel offsets stay 32-bit
         raise ValueError(f"the gpu backend handles at most {MAX_CHANNELS} channels, got {C}")
     X = A * C * B * itemsize  # one streamed tensor
     vec = 4 * C  # one per-channel float32 vector
     backward = pass_.startswith("backward")
-    aligned = _aligned(dims, tensors, strides)
+    aligned = _aligned(dims, strides, misaligned)
     launches = [Launch("copy", "copy", (), X, X)] * copies
 
     pblocks = None
@@ -449,7 +469,7 @@ def _plan(pass_: str, dims3, tensors, itemsize: int, num_sms: int, *,
                                        2 * X + 5 * S * vec, X))
         algorithm = "split"
     blocks = tuple(blocks)
-    i64 = _index_width(tensors, strides, blocks)
+    i64 = _index_width(dims3, strides3, strides, blocks)
     held = 2 if backward and algorithm == "persistent" else 1
     return LaunchPlan(pass_=pass_, dims=dims, strides=strides, itemsize=itemsize,
                       algorithm=algorithm, blocks=blocks, num_warps=_warps(blocks, held), n_c=n_c,
