@@ -243,14 +243,23 @@ _VEC128 = re.compile(r"\b(ld|st)\.global[\w:.]*\.(v4\.[bfus]32|v2\.[bfus]64)\b")
 _SCALAR16 = re.compile(r"\b(ld|st)\.global[\w:.]*\.[bfus]16\b")
 
 
+def _cuobjdump() -> str:
+    """The cuobjdump shipped in Triton's wheel (``TRITON_CUOBJDUMP_PATH`` overrides it)."""
+    import triton
+
+    try:
+        return triton.knobs.nvidia.cuobjdump.path
+    except AttributeError:  # releases before the knobs module
+        return os.environ.get("TRITON_CUOBJDUMP_PATH") or os.path.join(
+            os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
 def _res_usage(cubin: bytes, kernel: str) -> dict:
     """REG, STACK, SHARED, LOCAL of the kernel, from ``cuobjdump -res-usage``."""
-    from triton import knobs
-
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", fh.name],
+        text = subprocess.run([_cuobjdump(), "-res-usage", fh.name],
                               capture_output=True, text=True, check=True).stdout
     m = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", text)
     if m is None:

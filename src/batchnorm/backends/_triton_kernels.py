@@ -22,8 +22,9 @@ def _tile(pc, t, n_tb, A, C, B, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_B: tl.constexpr, I64: tl.constexpr):
     """Tile ``t`` of channel block ``pc``: its origin, in-tile indices and in-bounds mask.
 
-    Returns ``((a0, c0, b0, ra, rc, rb), mask)``: the origin is scalar, the in-tile indices
-    are vectors broadcastable to the tile. I64 is the indexing width the launcher chose:
+    Returns ``a0, c0, b0, ra, rc, rb, mask``: the origin is scalar, the in-tile indices are
+    vectors broadcastable to the tile (flat values: older Triton releases cannot pass tuples
+    between jit functions). I64 is the indexing width the launcher chose:
     0, all 32-bit; 1, the origin 64-bit (offsets past 2**31, in-tile spans below it);
     2, everything 64-bit. Widening happens before any product that could pass 2**31.
     """
@@ -44,13 +45,12 @@ def _tile(pc, t, n_tb, A, C, B, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
     c0 = pc * BLOCK_C
     b0 = tb * BLOCK_B
     mask = (a0 + ra < A) & (c0 + rc < C) & (b0 + rb < B)
-    return (a0, c0, b0, ra, rc, rb), mask
+    return a0, c0, b0, ra, rc, rb, mask
 
 
 @triton.jit
-def _at(ptr, tile, sa, sc, sb):
+def _at(ptr, a0, c0, b0, ra, rc, rb, sa, sc, sb):
     """Pointers to a tile's elements of the tensor at ``ptr`` with strides (sa, sc, sb)."""
-    a0, c0, b0, ra, rc, rb = tile
     return (ptr + (a0 * sa + c0 * sc + b0 * sb)) + (ra * sa + rc * sc + rb * sb)
 
 
@@ -129,8 +129,9 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+        a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                    other=0.0).to(tl.float32)
         n_t = _sum_ab(mask.to(tl.float32))
         mean_t = _sum_ab(v) / tl.maximum(n_t, 1.0)
         d = tl.where(mask, v - _bcast(mean_t), 0.0)
@@ -210,10 +211,11 @@ def fwd_apply_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, n_tb, 
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+        a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                    other=0.0).to(tl.float32)
         y = ((v - _bcast(mean)) * _bcast(scale) + _bcast(shift)).to(y_ptr.dtype.element_ty)
-        tl.store(_at(y_ptr, tile, sya, syc, syb), y, mask=mask)
+        tl.store(_at(y_ptr, a0, c0, b0, ra, rc, rb, sya, syc, syb), y, mask=mask)
         if CHECK:
             yf = y.to(tl.float32)
             nonfinite = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -236,8 +238,9 @@ def fwd_persistent_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, M
     two-pass over the registers, so this is exactly as accurate as the split path.
     """
     pc = tl.program_id(0)
-    tile, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-    v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
+    a0, c0, b0, ra, rc, rb, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+    v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                other=0.0).to(tl.float32)
     mean = _sum_ab(v) / M
     d = tl.where(mask, v - _bcast(mean), 0.0)
     var = _sum_ab(d * d) / M
@@ -250,7 +253,7 @@ def fwd_persistent_kernel(x_ptr, sxa, sxc, sxb, y_ptr, sya, syc, syb, A, C, B, M
     if HAS_BETA:
         y += _bcast(tl.load(beta_ptr + c1, mask=cmask, other=0.0).to(tl.float32))
     y = y.to(y_ptr.dtype.element_ty)
-    tl.store(_at(y_ptr, tile, sya, syc, syb), y, mask=mask)
+    tl.store(_at(y_ptr, a0, c0, b0, ra, rc, rb, sya, syc, syb), y, mask=mask)
     if CHECK:
         yf = y.to(tl.float32)
         nonfinite = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -293,14 +296,16 @@ def bwd_partial_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, sga,
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
+        a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                    other=0.0).to(tl.float32)
+        g = tl.load(_at(dy_ptr, a0, c0, b0, ra, rc, rb, sda, sdc, sdb), mask=mask,
+                    other=0.0).to(tl.float32)
         s_dy += _sum_ab(g)
         s_dot += _sum_ab(tl.where(mask, g * (v - _bcast(mean)), 0.0))
         if WRITE_DX:
             dx = (g * _bcast(k)).to(dx_ptr.dtype.element_ty)
-            tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx, mask=mask)
+            tl.store(_at(dx_ptr, a0, c0, b0, ra, rc, rb, sga, sgc, sgb), dx, mask=mask)
     tl.store(psum_ptr + ps * C + c1, s_dy, mask=cmask)
     tl.store(pdot_ptr + ps * C + c1, s_dot, mask=cmask)
 
@@ -344,12 +349,15 @@ def bwd_apply_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, sga, s
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
-        tile, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-        v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
+        a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+        v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                    other=0.0).to(tl.float32)
+        g = tl.load(_at(dy_ptr, a0, c0, b0, ra, rc, rb, sda, sdc, sdb), mask=mask,
+                    other=0.0).to(tl.float32)
         xhat = (v - _bcast(mean)) * _bcast(invstd)
         dx = _bcast(k) * (g - _bcast(db_m) - xhat * _bcast(dg_m))
-        tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(_at(dx_ptr, a0, c0, b0, ra, rc, rb, sga, sgc, sgb),
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -363,9 +371,11 @@ def bwd_persistent_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, s
     c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c1 < C
     mean, invstd, k = _bwd_channel(c1, cmask, mean_ptr, invstd_ptr, gamma_ptr, HAS_GAMMA)
-    tile, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
-    v = tl.load(_at(x_ptr, tile, sxa, sxc, sxb), mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(_at(dy_ptr, tile, sda, sdc, sdb), mask=mask, other=0.0).to(tl.float32)
+    a0, c0, b0, ra, rc, rb, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
+    v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
+                other=0.0).to(tl.float32)
+    g = tl.load(_at(dy_ptr, a0, c0, b0, ra, rc, rb, sda, sdc, sdb), mask=mask,
+                other=0.0).to(tl.float32)
     xhat = tl.where(mask, (v - _bcast(mean)) * _bcast(invstd), 0.0)
     dbeta = _sum_ab(g)
     dgamma = _sum_ab(g * xhat)
@@ -375,4 +385,5 @@ def bwd_persistent_kernel(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, dx_ptr, s
         dx = _bcast(k) * (g - _bcast(dbeta / M) - xhat * _bcast(dgamma / M))
     else:
         dx = _bcast(k) * g
-    tl.store(_at(dx_ptr, tile, sga, sgc, sgb), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(_at(dx_ptr, a0, c0, b0, ra, rc, rb, sga, sgc, sgb),
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
