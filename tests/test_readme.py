@@ -23,13 +23,13 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
 # The README points at the code line of each formula; these fragments must be on those lines.
 FORMULA_CODE = {
     "mu = sum(x) / M": "x64.mean(",
-    "var = sum((x - mu)^2) / M": "** 2).mean(",
+    "var = sum((x - mu)^2) / M": "var = m2 / m",
     "invstd = 1 / sqrt(var + eps)": "denom == 0",
     "y = gamma * (x - mu) * invstd + beta": "* xhat + _param(beta",
     "running_var = (1 - m) running_var + m var M / (M - 1)": "m / (m - 1)",
-    "dbeta = sum(dy)": "dbeta = dy64.sum(",
-    "dgamma = sum(dy * xhat)": "dgamma = (dy64 * xhat).sum(",
-    "dx = gamma invstd (dy - (dbeta + xhat dgamma) / M)": "(dbeta + xhat * dgamma) / m",
+    "dbeta = sum(dy)": "g.sum(axis=axes)",
+    "dgamma = sum(dy * xhat)": "(g * xhat).sum(",
+    "dx = gamma invstd (dy - (dbeta + xhat dgamma) / M)": "(sum_g + xhat * sum_gx) / count",
 }
 
 

@@ -152,9 +152,16 @@ def test_out_is_checked():
         bn.forward_training(X, None, None, out=np.empty((4, 3), np.float32))
     with pytest.raises(TypeError, match="`out` must have the input's dtype float32"):
         bn.forward_training(X, None, None, out=np.empty(X.shape, np.float64))
+    buf = np.concatenate([X.reshape(-1), X.reshape(-1)[:5]])
+    x, shifted = buf[:-5].reshape(X.shape), buf[5:].reshape(X.shape)
     with pytest.raises(ValueError, match="`out` overlaps an input"):
-        x = X.copy()
-        bn.forward_training(x, None, None, out=x)
+        bn.forward_training(x, None, None, out=shifted)  # overlaps x, but is not x itself
+    with pytest.raises(ValueError, match="`out` overlaps an input"):
+        z = X.copy()
+        bn.forward_training(X, G, None, out=z, residual=z, backend="reference")
+    # out=x is the memory-saving mode (contract §8), not an overlap
+    x = X.copy()
+    assert bn.forward_training(x, None, None, out=x[...])[0].base is x
 
 
 def test_unknown_and_unavailable_backends():

@@ -26,10 +26,18 @@ class SavedStats(NamedTuple):
     invstd: np.ndarray
 
 
+def _fused(**kw):
+    """The epilogue's keyword arguments, or none at all for plain batch norm."""
+    return {k: v for k, v in kw.items() if v is not None and v is not False}
+
+
 def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_axis=None,
                      running_mean=None, running_var=None, momentum=0.1, check_finite=False,
-                     out=None, backend="auto", axis=None):
+                     out=None, backend="auto", axis=None, activation=None, negative_slope=0.01,
+                     residual=None):
     """Batch-norm forward with batch statistics: y = gamma * (x - mu) / sqrt(var + eps) + beta.
+
+    With the epilogue (contract §8): ``y = act(gamma * xhat + beta + residual)``.
 
     Args:
         x: [N, C, *spatial] (or channels-last with ``channel_axis=-1``) float array.
@@ -49,6 +57,13 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
             CUDA tensors run on the ``"gpu"`` backend through :mod:`batchnorm.torch`.
         axis: optional tuple of axes to reduce over; replaces ``mode`` / ``channel_axis``
             (giving it with either is a ValueError, so those two default to None).
+        activation: None, ``"relu"`` or ``"leaky_relu"``, applied after the affine transform
+            and the residual add.
+        negative_slope: leaky_relu's slope for negative inputs, >= 0.
+        residual: optional array of x's shape and dtype added before the activation.
+            ``out=x`` (the memory-saving mode: y overwrites x) is allowed when the activation
+            is invertible (none, or leaky_relu with a slope > 0), there is no residual, and
+            every ``|gamma| >= GAMMA_MIN``; :func:`backward` then recovers xhat from y.
 
     Returns:
         ``(y, SavedStats(mean, invstd))``; y has x's shape and dtype.
@@ -61,11 +76,15 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
     running_mean = S.check_running("running_mean", running_mean, layout)
     running_var = S.check_running("running_var", running_var, layout)
     S.check_training_count(layout)
-    out = S.check_out(out, x, gamma, beta, running_mean, running_var)
+    epilogue, residual, inplace = S.check_epilogue_args(x, gamma, out, layout, activation,
+                                                        negative_slope, residual)
+    out = S.check_out(out, x, gamma, beta, running_mean, running_var, residual,
+                      inplace=inplace)
     impl = select(backend, x)
     y, mean, invstd, bad = impl.forward_training(
         x, gamma, beta, layout, eps=eps, momentum=momentum, running_mean=running_mean,
         running_var=running_var, out=out, check_finite=check_finite,
+        **_fused(residual=residual, epilogue=epilogue),
     )
     if check_finite and bad is not None and bad.any():
         raise FloatingPointError(
@@ -75,14 +94,16 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
 
 
 def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel_axis=None,
-                      out=None, backend="auto", axis=None):
+                      out=None, backend="auto", axis=None, activation=None, negative_slope=0.01,
+                      residual=None):
     """Batch-norm forward with given statistics: y = gamma * (x - mean) / sqrt(var + eps) + beta.
 
     Args:
         x: [N, C, *spatial] float array (channels-last with ``channel_axis=-1``).
         gamma, beta: [param_shape] or None.
         mean, var: [param_shape] statistics to normalize with (usually the running ones).
-        eps, mode, channel_axis, out, backend, axis: as in :func:`forward_training`.
+        eps, mode, channel_axis, out, backend, axis, activation, negative_slope, residual:
+            as in :func:`forward_training` (``out=x`` under the same conditions).
 
     Returns:
         y with x's shape and dtype.
@@ -94,44 +115,60 @@ def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel
     beta = S.check_param("beta", beta, layout)
     mean = S.check_param("mean", mean, layout, optional=False)
     var = S.check_param("var", var, layout, optional=False)
-    out = S.check_out(out, x, gamma, beta, mean, var)
+    epilogue, residual, inplace = S.check_epilogue_args(x, gamma, out, layout, activation,
+                                                        negative_slope, residual)
+    out = S.check_out(out, x, gamma, beta, mean, var, residual, inplace=inplace)
     impl = select(backend, x)
-    return impl.forward_inference(x, gamma, beta, mean, var, layout, eps=eps, out=out)
+    return impl.forward_inference(x, gamma, beta, mean, var, layout, eps=eps, out=out,
+                                  **_fused(residual=residual, epilogue=epilogue))
 
 
 def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
-             backend="auto", axis=None, training=True):
-    """Gradients of batch norm from dy and the saved statistics (closed form, contract §1).
+             backend="auto", axis=None, training=True, activation=None, negative_slope=0.01,
+             y=None, beta=None, residual=False):
+    """Gradients of batch norm from dy and the saved statistics (closed form, contract §1, §8).
 
-    dbeta = sum(dy), dgamma = sum(dy * xhat), and
-    dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M) in training, or
-    dx = gamma * invstd * dy for inference (``training=False``; ``saved`` then holds the
-    given mean and ``1 / sqrt(var + eps)``).
+    With g = dy * act'(pre) (g = dy without an activation): dbeta = sum(g),
+    dgamma = sum(g * xhat), and dx = gamma * invstd * (g - (dbeta + xhat * dgamma) / M) in
+    training, or dx = gamma * invstd * g for inference (``training=False``; ``saved`` then
+    holds the given mean and ``1 / sqrt(var + eps)``). The residual's gradient is dz = g.
 
     Args:
         dy: [x.shape] upstream gradient.
-        x: [N, C, *spatial] the forward input.
+        x: [N, C, *spatial] the forward input, or None in the memory-saving mode (the forward
+            wrote y over x): xhat is then recovered as ``(act^-1(y) - beta) / gamma``.
         gamma: [param_shape] or None (then dgamma is None).
         saved: :class:`SavedStats` from :func:`forward_training`.
         mode, channel_axis, out, backend, axis: as in :func:`forward_training`.
         training: whether the forward used batch statistics.
+        activation, negative_slope: the forward's epilogue.
+        y: [x.shape] the forward's output; required with an activation (its sign gives
+            act') and when ``x`` is None.
+        beta: [param_shape] the forward's shift; used only when ``x`` is None.
+        residual: whether the forward added a residual; dz is then returned too.
 
     Returns:
-        ``(dx, dgamma, dbeta)``: dx has x's shape and dtype; dgamma and dbeta are
-        [param_shape] in the statistics dtype. dbeta is always returned (backward does not
-        see beta); a caller without beta ignores it.
+        ``(dx, dgamma, dbeta)``, and ``dz`` last when ``residual``: dx and dz have dy's shape
+        and dtype; dgamma and dbeta are [param_shape] in the statistics dtype. dbeta is
+        always returned (backward does not need beta); a caller without beta ignores it.
     """
-    x = S.as_array("x", x)
+    x = None if x is None else S.as_array("x", x)
     dy = S.as_array("dy", dy)
-    layout = S.resolve_layout(x.shape, mode, channel_axis, axis)
+    layout = S.resolve_layout((dy if x is None else x).shape, mode, channel_axis, axis)
     S.check_same_shape("dy", dy, layout)
+    if x is not None:
+        S.check_same_dtype("dy", dy, x)
     if not isinstance(saved, tuple) or len(saved) != 2:
         raise TypeError("`saved` must be the SavedStats(mean, invstd) from forward_training")
     gamma = S.check_param("gamma", gamma, layout)
+    beta = S.check_param("beta", beta, layout)
     mean = S.check_param("saved.mean", saved[0], layout, optional=False)
     invstd = S.check_param("saved.invstd", saved[1], layout, optional=False)
     if training:
         S.check_training_count(layout)
-    out = S.check_out(out, x, dy, gamma, mean, invstd)
-    impl = select(backend, x)
-    return impl.backward(dy, x, gamma, mean, invstd, layout, training=training, out=out)
+    epilogue, y = S.check_backward_epilogue(dy, x, y, gamma, layout, activation,
+                                            negative_slope)
+    out = S.check_out(out, dy, x, y, gamma, beta, mean, invstd)
+    impl = select(backend, dy)
+    return impl.backward(dy, x, gamma, mean, invstd, layout, training=training, out=out,
+                         **_fused(y=y, beta=beta, epilogue=epilogue, residual=bool(residual)))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 MODES = ("per_activation", "spatial", "spatial_persistent")
+ACTIVATIONS = ("relu", "leaky_relu")
 
 DEFAULT_MODE = "spatial"
 DEFAULT_CHANNEL_AXIS = 1
@@ -88,6 +89,46 @@ class Layout:
         before = math.prod(self.shape[a] for a in self.reduce_axes if a < first)
         after = math.prod(self.shape[a] for a in self.reduce_axes if a > first)
         return (before, self.channels, after)
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The activation that follows the affine transform (contract §8).
+
+    ``y = act(gamma * xhat + beta + residual)``; the residual is an array passed beside the
+    epilogue, which holds only what a kernel can specialise on.
+
+    Attributes:
+        activation: ``"relu"`` or ``"leaky_relu"``.
+        negative_slope: leaky_relu's slope for negative inputs, >= 0 (0 for relu).
+    """
+
+    activation: str
+    negative_slope: float = 0.0
+
+    @property
+    def invertible(self) -> bool:
+        """Whether the input can be recovered from the output (the memory-saving mode)."""
+        return self.activation == "leaky_relu" and self.negative_slope > 0
+
+
+def check_epilogue(activation: Any, negative_slope: Any = 0.01) -> Epilogue | None:
+    """Validate ``activation`` / ``negative_slope``; None for no activation."""
+    if activation is None:
+        return None
+    if activation not in ACTIVATIONS:
+        _fail(ValueError, f"unknown activation {activation!r}; valid choices are None, "
+                          + ", ".join(map(repr, ACTIVATIONS)))
+    if activation == "relu":
+        return Epilogue("relu", 0.0)
+    number = (int, float, np.integer, np.floating)
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, number):
+        _fail(TypeError, f"negative_slope must be a number, got {negative_slope!r}")
+    slope = float(negative_slope)
+    if not (math.isfinite(slope) and slope >= 0):
+        _fail(ValueError, "negative_slope must be a finite number >= 0 (the output must tell "
+                          f"the sign of its input), got {negative_slope!r}")
+    return Epilogue("leaky_relu", slope)
 
 
 def _fail(exc: type[Exception], message: str) -> None:
@@ -258,8 +299,13 @@ def check_same_shape(name: str, arr: np.ndarray, layout: Layout) -> None:
         _fail(ValueError, f"`{name}` must have the input's shape {layout.shape}, got {arr.shape}")
 
 
-def check_out(out: Any, x: np.ndarray, *inputs: Any) -> np.ndarray | None:
-    """``out`` must be a writable ndarray of x's shape and dtype that overlaps no input."""
+def check_out(out: Any, x: np.ndarray, *inputs: Any, inplace: bool = False
+              ) -> np.ndarray | None:
+    """``out`` must be a writable ndarray of x's shape and dtype that overlaps no input.
+
+    ``inplace``: ``out`` is ``x`` itself (the memory-saving mode, already checked by
+    :func:`check_epilogue_args`); it must still overlap none of the other inputs.
+    """
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
@@ -270,10 +316,80 @@ def check_out(out: Any, x: np.ndarray, *inputs: Any) -> np.ndarray | None:
         _fail(TypeError, f"`out` must have the input's dtype {x.dtype}, got {out.dtype}")
     if not out.flags.writeable:
         _fail(ValueError, "`out` is read-only")
-    for arr in (x, *inputs):
+    for arr in inputs if inplace else (x, *inputs):
         if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
             _fail(ValueError, "`out` overlaps an input; pass a separate buffer")
     return out
+
+
+# The memory-saving mode divides by gamma to recover xhat from y: |gamma| must stay this far
+# from 0 (In-Place ABN's choice; batchnorm.torch's fused layers clamp to it, contract §8).
+GAMMA_MIN = 1e-5
+
+
+def check_same_dtype(name: str, arr: np.ndarray, like: np.ndarray) -> None:
+    if arr.dtype != like.dtype:
+        _fail(TypeError, f"`{name}` must have dtype {like.dtype}, got {arr.dtype}")
+
+
+def _same_view(out: Any, x: np.ndarray) -> bool:
+    """Whether ``out`` is ``x`` or a view of exactly x's elements, in x's order."""
+    if out is x:
+        return True
+    return (isinstance(out, np.ndarray) and out.shape == x.shape and out.dtype == x.dtype
+            and out.strides == x.strides
+            and out.__array_interface__["data"][0] == x.__array_interface__["data"][0])
+
+
+def check_epilogue_args(x: np.ndarray, gamma: np.ndarray | None, out: Any, layout: Layout,
+                        activation: Any, negative_slope: Any, residual: Any
+                        ) -> tuple[Epilogue | None, np.ndarray | None, bool]:
+    """``(epilogue, residual, inplace)`` of a forward call (contract §8).
+
+    ``residual`` must have x's shape and dtype. ``out is x`` asks for the memory-saving mode,
+    which needs an invertible activation, no residual, and ``|gamma| >= GAMMA_MIN``.
+    """
+    epilogue = check_epilogue(activation, negative_slope)
+    if residual is not None:
+        residual = as_array("residual", residual)
+        check_same_shape("residual", residual, layout)
+        check_same_dtype("residual", residual, x)
+    inplace = _same_view(out, x)
+    if inplace:
+        if epilogue is not None and not epilogue.invertible:
+            _fail(ValueError, f"`out=x` (y written over x) needs an invertible activation "
+                              f"(none, or leaky_relu with a slope > 0), got {epilogue}")
+        if residual is not None:
+            _fail(ValueError, "`out=x` (y written over x) is not supported with a residual: "
+                              "xhat could not be recovered from y alone")
+        if gamma is not None and not (np.abs(gamma) >= GAMMA_MIN).all():
+            _fail(ValueError, f"`out=x` (y written over x) needs every |gamma| >= {GAMMA_MIN} "
+                              "to recover xhat from y")
+    return epilogue, residual, inplace
+
+
+def check_backward_epilogue(dy: np.ndarray, x: np.ndarray | None, y: Any,
+                            gamma: np.ndarray | None, layout: Layout, activation: Any,
+                            negative_slope: Any) -> tuple[Epilogue | None, np.ndarray | None]:
+    """``(epilogue, y)`` of a backward call: y is needed with an activation and without x."""
+    epilogue = check_epilogue(activation, negative_slope)
+    if y is None:
+        if epilogue is not None:
+            _fail(ValueError, "`y` (the forward's output) is required with an activation: "
+                              "act'(pre) is read off its sign")
+        if x is None:
+            _fail(ValueError, "give `x`, or `y` in the memory-saving mode (x overwritten)")
+        return epilogue, None
+    y = as_array("y", y)
+    check_same_shape("y", y, layout)
+    check_same_dtype("y", y, dy)
+    if x is None:
+        if epilogue is not None and not epilogue.invertible:
+            _fail(ValueError, f"x cannot be recovered from y through {epilogue.activation!r} "
+                              f"with slope {epilogue.negative_slope}; pass `x`")
+        if gamma is not None and not (np.abs(gamma) >= GAMMA_MIN).all():
+            _fail(ValueError, f"recovering xhat from y needs every |gamma| >= {GAMMA_MIN}")
+    return epilogue, y
 
 
 def channel_names(layout: Layout, bad: np.ndarray) -> str:
