@@ -148,12 +148,13 @@ def _slow_path(x: Tensor, running_mean, running_var, weight, bias, mode: str):
 
 
 def tensors(x: Tensor, running_mean, running_var, weight, bias, training: bool,
-            mode: str) -> tuple[Tensor | None, Tensor | None]:
+            mode: str, *, count: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """(weight, bias) after torch's rules on the tensors (see :func:`check`); weight and bias
     reshaped to ``(C,)`` when they hold C values in another shape, as torch takes them.
 
     Returns them unchanged for a rank-1 empty input, which torch returns empty; every other
-    input of rank below 2 is refused.
+    input of rank below 2 is refused. ``count=False`` leaves out the "more than 1 value per
+    channel" rule (a shard of a synchronized batch may hold one value).
     """
     check_input(x)
     if training:
@@ -174,16 +175,16 @@ def tensors(x: Tensor, running_mean, running_var, weight, bias, training: bool,
         )
     # Not through S.Layout: this runs under torch.compile too, and dynamo cannot trace a
     # cached_property (it holds a lock on Python 3.11).
-    count = shape[0]
+    values = shape[0]  # per channel
     if mode == "per_activation":
         pshape = tuple(shape[1:])
     elif mode in S.MODES:
         pshape = (shape[1],)
         for n in shape[2:]:  # torch's count: the batch times the spatial sizes
-            count *= n
+            values *= n
     else:
         S.resolve_layout(shape, mode, 1)  # raises, listing the valid modes
-    if training and count == 1:
+    if training and count and values == 1:
         # torch.nn.functional.batch_norm's own message, so callers see the same error
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {shape}"
@@ -217,7 +218,8 @@ def tensors(x: Tensor, running_mean, running_var, weight, bias, training: bool,
 
 
 def check(x, running_mean, running_var, weight, bias, training, momentum, eps,
-          mode: str = "spatial") -> tuple[Tensor | None, Tensor | None, float, float]:
+          mode: str = "spatial", *, count: bool = True
+          ) -> tuple[Tensor | None, Tensor | None, float, float]:
     """Every argument rule of ``torch.nn.functional.batch_norm`` (see the module notes).
 
     Returns:
@@ -225,5 +227,6 @@ def check(x, running_mean, running_var, weight, bias, training, momentum, eps,
         momentum and eps as floats.
     """
     momentum, eps = scalars(training, momentum, eps)
-    weight, bias = tensors(x, running_mean, running_var, weight, bias, training, mode)
+    weight, bias = tensors(x, running_mean, running_var, weight, bias, training, mode,
+                           count=count)
     return weight, bias, momentum, eps
