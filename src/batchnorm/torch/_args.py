@@ -45,7 +45,6 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NARROW = (torch.float16, torch.bfloat16)
 # What torch's argument parser takes for a ``float`` argument (bool is an int).
 _REAL = (int, float, np.integer, np.floating, np.bool_)
-_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
 def real(name: str, value) -> float:
@@ -102,16 +101,16 @@ def check_input(x) -> None:
         )
 
 
-def check_tensor(name: str, t, x: Tensor, layout: S.Layout) -> None:
-    """A per-channel tensor: a floating-point tensor of ``layout.param_shape`` on x's device."""
+def check_tensor(name: str, t, x: Tensor, pshape: tuple[int, ...], mode: str) -> None:
+    """A per-channel tensor: a floating-point tensor of shape ``pshape`` on x's device."""
     if not isinstance(t, Tensor):
         raise ArgumentTypeError(f"`{name}` must be a torch.Tensor or None, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
         raise ArgumentTypeError(f"`{name}` must have a floating-point dtype, got {t.dtype}")
-    if t.shape != layout.param_shape:
+    if t.shape != pshape:
         raise ArgumentError(
-            f"`{name}` must have shape {layout.param_shape} (the kept axes of an input of "
-            f"shape {layout.shape} in mode {layout.mode!r}), got shape {tuple(t.shape)}"
+            f"`{name}` must have shape {tuple(pshape)} (the kept axes of an input of shape "
+            f"{tuple(x.shape)} in mode {mode!r}), got shape {tuple(t.shape)}"
         )
     # is_cpu answers the common case without building two device objects
     if not (x.is_cpu and t.is_cpu) and t.device != x.device:
@@ -127,10 +126,8 @@ def _dtype_error(x: Tensor, given) -> ArgumentTypeError:
     )
 
 
-def _slow_path(x: Tensor, running_mean, running_var, weight, bias, mode: str):
+def _slow_path(x: Tensor, running_mean, running_var, weight, bias, pshape, mode: str):
     """(weight, bias, common dtype) by the exact rules, or the error that names the fault."""
-    layout = S.resolve_layout(x.shape, mode, 1)
-    pshape = layout.param_shape
     if mode != "per_activation":  # torch takes weight and bias of any shape of C values
         if isinstance(weight, Tensor) and weight.shape != pshape and weight.numel() == pshape[0]:
             weight = weight.reshape(pshape)
@@ -140,7 +137,7 @@ def _slow_path(x: Tensor, running_mean, running_var, weight, bias, mode: str):
              ("running_var", running_var))
     for name, t in given:
         if t is not None:
-            check_tensor(name, t, x, layout)
+            check_tensor(name, t, x, pshape, mode)
     dtypes = {t.dtype for _, t in given if t is not None}
     if len(dtypes) > 1:
         raise _dtype_error(x, given)
@@ -189,16 +186,18 @@ def tensors(x: Tensor, running_mean, running_var, weight, bias, training: bool,
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {shape}"
         )
-    # The common case in one cheap pass: tensors of the right shape and one dtype, on the
-    # CPU like x. Anything else takes the exact checks of _slow_path.
+    # The common case in one cheap pass: tensors of the right shape and one dtype, on x's
+    # device. Anything else takes the exact checks of _slow_path.
     dtype = None
     on_cpu = x.is_cpu
     for t in (weight, bias, running_mean, running_var):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.shape != pshape or not (on_cpu and t.is_cpu) or (
+        if not isinstance(t, Tensor) or t.shape != pshape or (
+                not (on_cpu and t.is_cpu) and t.device != x.device) or (
                 dtype is not None and t.dtype != dtype):
-            weight, bias, dtype = _slow_path(x, running_mean, running_var, weight, bias, mode)
+            weight, bias, dtype = _slow_path(x, running_mean, running_var, weight, bias, pshape,
+                                             mode)
             break
         if dtype is None:
             dtype = t.dtype

@@ -45,7 +45,7 @@ def check_layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
     layout = S.resolve_layout(x.shape, mode, 1)  # cached per (shape, mode)
     for name, t in params.items():
         if t is not None:
-            _args.check_tensor(name, t, x, layout)
+            _args.check_tensor(name, t, x, layout.param_shape, mode)
     return layout
 
 
