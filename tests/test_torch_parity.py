@@ -291,6 +291,21 @@ def test_functional_matches_torch(r: Row, device):
             _same(f"gradient {i}", a, e, dtype)
 
 
+@pytest.mark.parametrize("r", [r for r in ROWS if r.match], ids=lambda r: r.id)
+def test_refused_calls_change_nothing(r: Row):
+    """Every tensor of a refused call is left bit-identical (rebuilt from the same seed to
+    compare with)."""
+    args, kwargs = r.build()
+    with pytest.raises(Exception, match=r.match):  # noqa: B017 - the type is tested above
+        bnt.batch_norm(*args, **kwargs)
+    again, kwargs_again = r.build()
+    for name, a, b in [("input", args[0], again[0]), ("running_mean", args[1], again[1]),
+                       ("running_var", args[2], again[2])] + [
+            (k, kwargs[k], kwargs_again[k]) for k in ("weight", "bias")]:
+        if isinstance(a, torch.Tensor) and a.device.type != "meta":
+            assert a.dtype == b.dtype and torch.equal(a.detach(), b.detach()), name
+
+
 # ---------------------------------------------------------------- modules
 
 
