@@ -69,7 +69,8 @@ _DTYPE_CODES = {dt: i for i, dt in enumerate(_args.INPUT_DTYPES)}
 def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
     """Every process's (C, dtype) in one fixed-size all_gather; if they differ, every process
     raises the same error. The collectives after it have sizes and dtypes that depend on
-    them, and gloo aborts the process (or NCCL hangs) when those differ.
+    them, and a collective whose sizes differ between processes is undefined (gloo aborts
+    the process).
     """
     header = torch.tensor([x.shape[1], _DTYPE_CODES[x.dtype]], dtype=torch.int64,
                           device=x.device)
