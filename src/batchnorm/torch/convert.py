@@ -179,14 +179,15 @@ class _Folder:
             return f"`{name}` shares its parameters with {', '.join(shared)}"
         return None
 
-    def fold(self, layer_name: str, bn_names: list[str]) -> None:
+    def fold(self, layer_name: str, bn_name: str) -> None:
+        """Fold the batch norm into the layer and put an identity wherever it was."""
         layer = self.root.get_submodule(layer_name)
-        bn = self.root.get_submodule(bn_names[0])
+        bn = self.root.get_submodule(bn_name)
         _fold_pair(layer, bn)
         for path in _fx.paths(self.root, bn):
             _fx.replace(self.root, path,
                         FoldedIntoLinear() if isinstance(layer, nn.Linear) else nn.Identity())
-        self.folded.append((bn_names[0], layer_name))
+        self.folded.append((bn_name, layer_name))
 
     def graph(self, traced: _fx.Traced) -> None:
         """Every batch norm the graph calls, folded or left with the reason."""
@@ -199,7 +200,7 @@ class _Folder:
             called.add(id(bn))
             layer_name, why = self._graph_pair(traced, name, nodes, reads)
             if why is None:
-                self.fold(layer_name, [name])
+                self.fold(layer_name, name)
             else:
                 self.left.append((name, why))
         for name, m in traced.root.named_modules():
@@ -263,7 +264,7 @@ class _Folder:
                        or self.registered_once(prev, layer_name)
                        or self.registered_once(bn, bn_name))
                 if why is None:
-                    self.fold(layer_name, [bn_name])
+                    self.fold(layer_name, bn_name)
                 else:
                     self.left.append((bn_name, why))
         for name, m in self.root.named_modules():
