@@ -334,17 +334,27 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
             break
         # a channel's shift was far from its mean: all sums again around the new shifts
         # (the other channels' unchanged), a second read of x only such inputs pay
+    _widen_rows(x, tot, kx)
     for c in range(nc):
-        if not _finite(tot[0, c], tot[1, c]):  # as in fwd_train_cmajor: float64 sums
-            k = np.float64(kx[c])
-            t1, t2 = _column_sums64(x, c, k)
-            if _needs_refine(t1, t2, nr):
-                kx[c] = k + t1 / nr
-                t1, t2 = _column_sums64(x, c, np.float64(kx[c]))
-            tot[0, c] = t1
-            tot[1, c] = t2
         _finish_stats(tot[0, c], tot[1, c], np.float64(kx[c]), nr, eps, c, st, p)
     apply_rows(x, p, y, st, check, nt)
+
+
+@nb.njit(**_OPTS)
+def _widen_rows(x, tot, kx):
+    """As in fwd_train_cmajor: the sums of a channel that came out Inf or NaN taken again
+    with float64 terms (and around its mean if the shift was far from it)."""
+    nr = x.shape[0]
+    for c in range(x.shape[1]):
+        if _finite(tot[0, c], tot[1, c]):
+            continue
+        k = np.float64(kx[c])
+        t1, t2 = _column_sums64(x, c, k)
+        if _needs_refine(t1, t2, nr):
+            kx[c] = k + t1 / nr
+            t1, t2 = _column_sums64(x, c, np.float64(kx[c]))
+        tot[0, c] = t1
+        tot[1, c] = t2
 
 
 def apply_rows(x, p, y, st, check, nt):
