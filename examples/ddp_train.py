@@ -16,6 +16,7 @@ layers normalize with statistics over the global batch (every process's shard to
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -59,6 +60,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl when CUDA is available, else gloo")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a collective waits for the other processes before failing "
+                        "(torch's default is 10 to 30 minutes)")
     args = p.parse_args()
 
     # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
@@ -70,7 +74,9 @@ def main() -> None:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend)
+    # If one process raises while the others wait in a collective, they wait until this
+    # timeout: keep it short enough to notice (a step here takes well under a second).
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)

@@ -421,6 +421,42 @@ def test_outlying_first_value(layout, hw, either_family):
     assert np.abs(y - yr).max() <= 8 * ulp * np.abs(yr).max()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+@pytest.mark.parametrize("spread", [1e18, 1e20, 1e30])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_huge_float32_spread(layout, spread, outlier, either_family):
+    # (x - k)^2 passes float32's range from |x - k| ~ 1e19: the float32 partial sums of
+    # squares overflow, and y came back all zeros with check_finite silent. The statistics
+    # are finite in float64, so the result must be the reference's.
+    mode, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((8, 4, 16, 16)) * spread + 0.3 * spread).astype(np.float32)
+    if outlier:  # and the refinement around the mean takes float64 sums as well
+        x[0, :, 0, 0] = 50 * spread
+    if axis == -1:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    pshape = x.shape[1:] if mode == "per_activation" else 4
+    rm, rv = np.zeros(pshape), np.zeros(pshape)  # float64: var ~ 1e60 is beyond float32
+    y, s = bn.forward_training(x, None, None, mode=mode, channel_axis=axis, backend="cpu",
+                               running_mean=rm, running_var=rv, momentum=1.0,
+                               check_finite=True)
+    yr, sr = bn.forward_training(x.astype(np.float64), None, None, mode=mode,
+                                 channel_axis=axis, backend="reference")
+    ulp = 2.0**-24
+    assert np.abs(s.invstd / sr.invstd - 1).max() <= 8 * ulp
+    assert np.abs(s.mean - sr.mean).max() <= 8 * ulp * np.abs(sr.mean).max()
+    assert np.abs(y - yr).max() <= 16 * ulp * np.abs(yr).max()
+    assert np.abs(rm - sr.mean).max() <= 8 * ulp * np.abs(sr.mean).max()
+    m = x.size // rm.size
+    var = (1 / sr.invstd.astype(np.float64) ** 2 - 1e-5) * m / (m - 1)
+    assert np.abs(rv / var - 1).max() <= 16 * ulp
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dg, db = bn.backward(dy, x, None, s, mode=mode, channel_axis=axis, backend="cpu")
+    want = bn.backward(dy, x, None, sr, mode=mode, channel_axis=axis, backend="reference")
+    close(dx, want[0], np.float32, "dx")
+    close(db, want[2], np.float32, "dbeta")
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("hw", [300, 20])
 def test_backward_dbeta_with_infinite_mean(layout, hw):

@@ -216,3 +216,16 @@ def test_per_activation_on_rank2_equals_spatial():
     a, _ = bn.forward_training(x, None, None, mode="spatial", backend="reference")
     b, _ = bn.forward_training(x, None, None, mode="per_activation", backend="reference")
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", NUMPY_BACKENDS)
+def test_float16_running_statistics(backend):
+    """Running statistics in float16 are updated (Numba has no float16 arithmetic: the CPU
+    backend updates them through NumPy)."""
+    x = np.random.default_rng(0).normal(1.0, 2.0, (6, 3, 4)).astype(np.float16)
+    rm, rv = np.zeros(3, np.float16), np.ones(3, np.float16)
+    bn.forward_training(x, None, None, running_mean=rm, running_var=rv, momentum=1.0,
+                        backend=backend)
+    x64 = x.astype(np.float64)
+    assert_close(rm, x64.mean(axis=(0, 2)), np.float16, name="running_mean")
+    assert_close(rv, x64.var(axis=(0, 2), ddof=1), np.float16, name="running_var")

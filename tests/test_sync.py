@@ -170,7 +170,8 @@ def _world_even(rank, world):
         rank, sizes, (4, 5, 6), dtype=torch.float32, channels_last=True, momentum=1.0, seed=6
     )
 
-    # One collective forward, one backward, whatever the shape; none in eval.
+    # Forward: the fixed-size header, then the moments; backward: one all-reduce; whatever
+    # the shape. None in eval.
     calls = []
     real = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
 
@@ -186,7 +187,7 @@ def _world_even(rank, world):
         m = SyncBatchNorm(4, dtype=torch.float64)
         x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
         m(x).sum().backward()
-        assert calls == ["all_gather", "all_reduce"], calls
+        assert calls == ["all_gather", "all_gather", "all_reduce"], calls
         calls.clear()
         m.eval()
         want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
@@ -241,6 +242,28 @@ def _world_of_three(rank, world):
         sub_rank = {0: 0, 2: 1}[rank]
         _check_against_plain(sub_rank, (2, 3), (4, 3), group=group, seed=5)
     dist.barrier()  # rank 1 must still be alive for the others' collectives to be judged
+
+
+def _world_disagreeing(rank, world):
+    """Processes that disagree on C or on the dtype: every one raises, naming the mismatch
+    and each rank's value, and the group is still usable afterwards (nobody is left in a
+    collective of another size)."""
+    assert world == 2
+    c = 3 + rank
+    m = SyncBatchNorm(c)
+    with pytest.raises(ValueError, match=r"disagree on the input's number of channels "
+                                         r"\(rank 0: 3, rank 1: 4\)"):
+        m(torch.randn(4, c, 5))
+    assert int(m.num_batches_tracked) == 1 and torch.equal(m.running_mean, torch.zeros(c))
+    dtype = (torch.float32, torch.float64)[rank]
+    m = SyncBatchNorm(3, dtype=dtype)
+    with pytest.raises(ValueError, match=r"disagree on the input's dtype \(rank 0: "
+                                         r"torch.float32, rank 1: torch.float64\)"):
+        m(torch.randn(4, 3, 5, dtype=dtype))
+    with pytest.raises(ValueError, match="disagree on the input's dtype"):
+        sync_batch_norm(torch.randn(4, 3, dtype=dtype), None, None, None, None, True, 0.1,
+                        1e-5)
+    _check_against_plain(rank, (3, 2), (4, 5))  # the group still works
 
 
 # ---------------------------------------------------------------- DDP training
@@ -305,6 +328,13 @@ def test_world_of_two_matches_full_batch():
 
 def test_world_of_three_uneven_empty_too_few_and_subgroup():
     _run_world(_world_of_three, 3)
+
+
+def test_ranks_disagreeing_on_channels_or_dtype_all_raise_in_bounded_time():
+    # before: gloo aborted a process (SIGABRT) on the packed all_gather of unequal sizes
+    start = time.monotonic()
+    _run_world(_world_disagreeing, 2)
+    assert time.monotonic() - start < WORLD_TIMEOUT_S
 
 
 def test_ddp_training_matches_single_process():
@@ -390,14 +420,30 @@ def test_convert_model_sync_builds_sync_layers_sharing_state():
     assert y.shape == (5, 36) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"eps": -1.0}, "eps must be a finite number >= 0"),
-    ({"momentum": 5.0}, r"momentum must be a number in \[0, 1\]"),
-    ({"weight": torch.ones(4)}, r"`weight` must have shape \(3,\)"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"eps": -1.0}, ValueError, "eps must be positive during training"),
+    ({"eps": 0.0}, ValueError, "eps must be positive during training"),
+    ({"momentum": None}, TypeError, "`momentum` must be a real number"),
+    ({"weight": torch.ones(4)}, ValueError, r"`weight` must have shape \(3,\)"),
+    ({"running_mean": torch.zeros(3)}, ValueError, "both be None or neither"),
+    ({"bias": torch.zeros(3, dtype=torch.float64)}, TypeError, "float32 input"),
 ])
-def test_sync_batch_norm_refuses_bad_arguments_before_any_collective(kwargs, message):
+def test_sync_batch_norm_refuses_bad_arguments_before_any_collective(kwargs, error, message):
+    """The rules of batchnorm.torch.batch_norm, checked before the first collective (the
+    process group is not initialized here: any collective would fail differently)."""
     args = {"running_mean": None, "running_var": None, "weight": None, "bias": None,
             "training": True, "momentum": 0.1, "eps": 1e-5}
     args.update(kwargs)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         sync_batch_norm(torch.randn(4, 3, 5), **args)
+
+
+def test_sync_batch_norm_takes_any_real_momentum_as_torch_does():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    for momentum in (-0.5, 1.5):
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        rmt, rvt = rm.clone(), rv.clone()
+        sync_batch_norm(x, rm, rv, None, None, True, momentum, 1e-5)
+        F.batch_norm(x, rmt, rvt, None, None, True, momentum, 1e-5)
+        _close("running_mean", rm, rmt, torch.float64)
+        _close("running_var", rv, rvt, torch.float64)

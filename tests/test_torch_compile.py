@@ -6,6 +6,7 @@ training step (Dynamo capture, fake kernels, AOT autograd); Inductor compiles th
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,22 @@ def test_double_backward_through_compiled_function():
     (gx,) = torch.autograd.grad(fc(x, w, b), x, create_graph=True)
     gx.square().sum().backward()
     assert_close(w.grad, expected, "second-order grad of weight", atol=1e-10, rtol=1e-10)
+
+
+def test_argument_checks_trace_with_fullgraph():
+    """batch_norm's argument checks run under Dynamo too: the exact path (a (1, C) weight)
+    and meta tensors compile without a graph break, and a refused call still raises."""
+    torch._dynamo.reset()
+
+    def f(x, w, rm, rv):
+        return bnt.batch_norm(x, rm, rv, w, None, True, 0.1, 1e-5)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x, w = torch.randn(4, 3, 5), torch.rand(1, 3) + 0.5
+    rm, rv = torch.zeros(3), torch.ones(3)
+    assert_close(compiled(x, w, rm.clone(), rv.clone()), f(x, w, rm.clone(), rv.clone()), "y")
+    meta = [t.to("meta") for t in (x, w, rm, rv)]
+    assert compiled(*meta).device.type == "meta"
+    # fullgraph Dynamo reports an exception raised while tracing as Unsupported, quoting it
+    with pytest.raises(Exception, match="must be torch.float32"):  # noqa: B017
+        compiled(x, w, rm.double(), rv.double())

@@ -144,3 +144,197 @@ def test_fold_after_linear_refuses_input_where_the_fold_is_not_exact():
     # on (N, C, L) the BatchNorm1d normalizes axis 1 but the Linear acts on the last axis
     with pytest.raises(ValueError, match="exact only for \\(N, C\\) input"):
         folded(torch.randn(4, 5, 5))
+
+
+def _randomize(model):
+    """Running statistics and affine parameters away from their initial values."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                if m.affine:
+                    m.weight.uniform_(0.5, 2)
+                    m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv and BN attributes called in forward."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                        nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def _fold_report(model, x):
+    folded, report = bnt.fold_batchnorm(model, report=True)
+    assert_close(folded(x), model(x), "folded output", atol=1e-5, rtol=1e-4)
+    return folded, report
+
+
+def test_fold_finds_pairs_called_in_forward():
+    model = _randomize(nn.Sequential(BasicBlock(3, 4, 2), BasicBlock(4, 4)))
+    x = torch.randn(2, 3, 8, 8)
+    folded = bnt.fold_batchnorm(model)
+    assert bn_types(folded) == []  # before: none of the six was folded
+    assert_close(folded(x), model(x), "folded output", atol=1e-5, rtol=1e-4)
+    folded, report = _fold_report(model, x)
+    assert report.traced and report.left == ()
+    assert dict(report.folded) == {
+        f"{b}.{bn}": f"{b}.{conv}" for b in ("0", "1")
+        for bn, conv in (("bn1", "conv1"), ("bn2", "conv2"), ("downsample.1", "downsample.0"))}
+    assert bn_types(folded) == []
+    assert type(folded[0]) is BasicBlock  # the model keeps its classes and forward
+    assert "folded 0.bn1 into 0.conv1" in str(report)
+
+
+class SharedLinear(nn.Module):
+    """One Linear used twice, each use with its own batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn_a = nn.BatchNorm1d(4)
+        self.bn_b = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn_a(self.lin(x)) + self.bn_b(self.lin(x * 2))
+
+
+class Recurrent(nn.Module):
+    """One conv and one batch norm applied twice: every use of the conv feeds that BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_fold_leaves_a_layer_used_twice_with_different_batch_norms():
+    # before: both batch norms were folded into the one Linear, a silently wrong model
+    lin = nn.Linear(4, 4)
+    model = _randomize(nn.Sequential(lin, nn.BatchNorm1d(4), lin, nn.BatchNorm1d(4)))
+    x = torch.randn(6, 4)
+    assert_close(bnt.fold_batchnorm(model)(x), model(x), "folded output", atol=1e-5, rtol=1e-4)
+    model = _randomize(SharedLinear())
+    folded, report = _fold_report(model, torch.randn(6, 4))
+    assert report.folded == ()
+    assert {bn for bn, _ in report.left} == {"bn_a", "bn_b"}
+    assert all("`lin` is called 2 times" in why for _, why in report.left)
+
+
+def test_fold_handles_a_layer_and_batch_norm_used_together_twice():
+    model = _randomize(Recurrent())
+    folded, report = _fold_report(model, torch.randn(2, 3, 6, 6))
+    assert report.folded == (("bn", "conv"),)
+
+
+def test_fold_leaves_pairs_whose_layer_output_or_parameters_are_used_elsewhere():
+    class PreActivation(nn.Module):  # the conv's output is also added to the result
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    class Tied(nn.Module):  # the conv's weight is shared with another conv
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.other = nn.Conv2d(3, 3, 1)
+            self.other.weight = self.conv.weight
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.other(x)
+
+    class ReadsWeight(nn.Module):  # forward reads the conv's weight itself
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.conv.weight.sum()
+
+    x = torch.randn(2, 3, 4, 4)
+    for cls, reason in ((PreActivation, "also goes to function `add`"),
+                        (Tied, "shares its parameters with other.weight"),
+                        (ReadsWeight, "forward reads conv.weight directly")):
+        _, report = _fold_report(_randomize(cls()), x)
+        assert report.folded == () and len(report.left) == 1, cls.__name__
+        assert reason in report.left[0][1], report.left[0][1]
+
+
+def test_fold_reports_batch_norms_it_leaves_and_why():
+    class Holder(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.unused = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = _randomize(Holder(nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4),   # after a ReLU
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6))))
+    _, report = _fold_report(model, torch.randn(3, 3, 4, 4))
+    assert report.folded == (("net.7", "net.6"),)
+    left = dict(report.left)
+    assert "its input comes from a ReLU" in left["net.2"]
+    assert "no running statistics" in left["net.4"]
+    assert left["unused"] == "forward never calls it"
+
+
+def test_fold_falls_back_to_sequential_pairs_when_tracing_fails():
+    class Branchy(nn.Module):  # control flow on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+            self.shared = nn.Conv2d(3, 3, 1)
+            self.tail = nn.Sequential(self.shared, nn.BatchNorm2d(3))
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.body(x)
+            if y.sum() > 0:
+                y = y + self.shared(x)
+            return self.bn(self.tail(y))
+
+    model = _randomize(Branchy())
+    x = torch.randn(2, 3, 4, 4).abs()
+    folded, report = _fold_report(model, x)
+    assert not report.traced and "TraceError" in report.trace_error
+    assert report.folded == (("body.1", "body.0"),)
+    left = dict(report.left)
+    assert "`shared` is registered 2 times (shared, tail.0)" in left["tail.1"]
+    assert "does not follow a layer inside an nn.Sequential" in left["bn"]
+    assert "could not be traced" in str(report)
+
+
+def test_fold_without_report_returns_the_model():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    folded = bnt.fold_batchnorm(model)
+    assert isinstance(folded, nn.Sequential) and isinstance(folded[1], nn.Identity)

@@ -172,7 +172,8 @@ def test_eager_fast_path_matches_custom_ops(monkeypatch, mode, training, affine,
     implementations: outputs, running statistics and first and second order gradients are
     bitwise equal."""
     x, w, b, rm, rv = make((5, 3, 4, 2), mode, affine, True, dtype=dtype)
-    if dtype != torch.float64:  # statistics in float32, as torch.nn keeps them
+    if dtype != torch.float64:  # float32 parameters and statistics, as under autocast
+        w, b = (None if t is None else t.float() for t in (w, b))
         rm, rv = rm.float(), rv.float()
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     fast = _run_route(True, monkeypatch, x, w, b, rm, rv, training, mode, dy)

@@ -193,3 +193,61 @@ def test_numpy_calls_import_neither_torch_nor_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_axis_with_a_float_entry_is_refused_after_a_cached_call_too():
+    """The layout cache compares keys with ==, under which (0.0, 2) == (0, 2)."""
+    x = np.ones((4, 3, 5), np.float32)
+    bn.forward_training(x, None, None, axis=(0, 2))  # fills the cache
+    with pytest.raises(ValueError, match=r"`axis` entry 0\.0 is out of range"):
+        bn.forward_training(x, None, None, axis=(0.0, 2))
+    with pytest.raises(ValueError, match="`axis` entry True"):
+        bn.forward_training(x, None, None, axis=(True, 2))
+    with pytest.raises(ValueError, match="`axis` entry 0.0"):
+        bn.forward_training(x, None, None, axis=0.0)
+    y, _ = bn.forward_training(x, None, None, axis=(np.int64(0), 2))  # NumPy integers are fine
+    assert y.shape == x.shape
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_np_matrix_out_is_refused():
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    with pytest.raises(TypeError, match=r"`out` is an np.matrix.*np.asarray\(out\)"):
+        bn.forward_training(x, None, None, out=np.asmatrix(np.empty((4, 3))))
+    out = np.empty((4, 3))
+    y, _ = bn.forward_training(np.asmatrix(x), None, None, out=out)  # matrix input: its values
+    assert y is out and type(y) is np.ndarray
+    with pytest.raises(TypeError, match="`running_mean` is an np.matrix"):
+        bn.forward_training(np.ones((4, 2, 3)), None, None, mode="per_activation",
+                            running_mean=np.asmatrix(np.zeros((2, 3))))
+
+
+@pytest.mark.parametrize("name", ["x", "gamma", "running_mean", "out"])
+def test_masked_arrays_are_refused(name):
+    args = dict(x=X.copy(), gamma=G.copy(), running_mean=np.zeros(3, np.float32),
+                out=np.empty_like(X))
+    args[name] = np.ma.masked_array(args[name], mask=np.zeros(args[name].shape, bool))
+    with pytest.raises(TypeError, match=f"`{name}` is a masked array"):
+        bn.forward_training(args["x"], args["gamma"], None, running_mean=args["running_mean"],
+                            running_var=np.ones(3, np.float32), out=args["out"])
+
+
+@pytest.mark.parametrize("alias", ["x", "gamma", "running_var"])
+def test_running_statistics_sharing_memory_with_an_input_are_refused(alias):
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    gamma = np.ones(3)
+    running_var = np.ones(3)
+    view = {"x": x[0], "gamma": gamma, "running_var": running_var[:]}[alias]
+    before = x.copy(), gamma.copy()
+    with pytest.raises(ValueError, match=f"`running_mean` shares memory with `{alias}`"):
+        bn.forward_training(x, gamma, None, running_mean=view, running_var=running_var)
+    assert np.array_equal(x, before[0]) and np.array_equal(gamma, before[1])
+
+
+def test_interleaved_running_statistics_in_one_buffer_are_fine():
+    buf = np.zeros(6)
+    buf[1::2] = 1.0
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    bn.forward_training(x, None, None, running_mean=buf[0::2], running_var=buf[1::2],
+                        momentum=1.0)
+    assert np.allclose(buf[0::2], x.mean(0)) and np.allclose(buf[1::2], x.var(0, ddof=1))

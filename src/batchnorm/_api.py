@@ -51,7 +51,8 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
             ``(1 - momentum) * running + momentum * batch`` (the variance unbiased), if given.
         momentum: in [0, 1]; 1 replaces the running statistics.
         check_finite: raise FloatingPointError naming channels whose statistics or outputs
-            are not finite.
+            are not finite; the running statistics and ``out`` are then left as they were
+            (with ``out``, y is computed into a fresh array and copied there once finite).
         out: optional array of x's shape and dtype that receives y.
         backend: ``"auto"`` (the fastest that can run), ``"cpu"`` or ``"reference"``.
             CUDA tensors run on the ``"gpu"`` backend through :mod:`batchnorm.torch`.
@@ -80,16 +81,33 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
                                                         negative_slope, residual)
     out = S.check_out(out, x, gamma, beta, running_mean, running_var, residual,
                       inplace=inplace)
+    S.check_running_aliases(running_mean, running_var, x, gamma, beta, residual)
+    fused = _fused(residual=residual, epilogue=epilogue)
     impl = select(backend, x)
+    if not check_finite:
+        y, mean, invstd, _ = impl.forward_training(
+            x, gamma, beta, layout, eps=eps, momentum=momentum, running_mean=running_mean,
+            running_var=running_var, out=out, **fused,
+        )
+        return y, SavedStats(mean, invstd)
+    # A refused call leaves every array of the caller as it was (contract §3): the backend
+    # updates copies of the running statistics (per-channel, cheap) and writes y to a fresh
+    # array, and both are copied to the caller's arrays once y is known to be finite.
+    staged = [None if r is None else r.copy() for r in (running_mean, running_var)]
     y, mean, invstd, bad = impl.forward_training(
-        x, gamma, beta, layout, eps=eps, momentum=momentum, running_mean=running_mean,
-        running_var=running_var, out=out, check_finite=check_finite,
-        **_fused(residual=residual, epilogue=epilogue),
+        x, gamma, beta, layout, eps=eps, momentum=momentum, running_mean=staged[0],
+        running_var=staged[1], check_finite=True, **fused,
     )
-    if check_finite and bad is not None and bad.any():
+    if bad is not None and bad.any():
         raise FloatingPointError(
             "non-finite batch statistics or output in channel(s) " + S.channel_names(layout, bad)
         )
+    for target, value in zip((running_mean, running_var), staged, strict=True):
+        if target is not None:
+            np.copyto(target, value)
+    if out is not None:
+        np.copyto(out, y)
+        y = out
     return y, SavedStats(mean, invstd)
 
 

@@ -150,6 +150,10 @@ def resolve_layout(
     """
     if isinstance(axis, list):
         axis = tuple(axis)
+    if isinstance(axis, tuple) and not all(type(a) is int for a in axis):
+        # The cache finds keys by ==, and (0.0, 2) == (0, 2): typed=True tells 1.0 from 1
+        # but does not look inside tuples. Anything but plain ints is resolved uncached.
+        return _resolve(tuple(shape), mode, channel_axis, axis)
     try:
         return _resolve_cached(tuple(shape), mode, channel_axis, axis)
     except TypeError as exc:  # unhashable argument: resolve without the cache
@@ -164,12 +168,15 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
     if axis is not None:
         if mode is not None or channel_axis is not None:
             _fail(ValueError, "give either `axis` or `mode`/`channel_axis`, not both")
-        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+        try:
+            axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+        except TypeError:  # not iterable: one (bad) entry
+            axes = (axis,)
         if not axes:
             _fail(ValueError, "`axis` must name at least one axis to reduce over")
         norm = []
         for a in axes:
-            if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+            if not _is_index(a) or not -ndim <= a < ndim:
                 _fail(
                     ValueError,
                     f"`axis` entry {a!r} is out of range for an input of rank {ndim}; "
@@ -192,9 +199,7 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
             f"expected an input of rank 2 or more (N, C, ...), got shape {shape}",
         )
     valid = [*range(1, ndim), *range(-ndim + 1, 0)]
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)) or (
-        channel_axis not in valid
-    ):
+    if not _is_index(channel_axis) or channel_axis not in valid:
         _fail(
             ValueError,
             f"channel_axis {channel_axis!r} is out of range for an input of rank {ndim}; "
@@ -207,6 +212,11 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
         reduce_axes = tuple(a for a in range(ndim) if a != c)
     kept = tuple(a for a in range(ndim) if a not in reduce_axes)
     return Layout(shape, mode, reduce_axes, kept)
+
+
+def _is_index(a: Any) -> bool:
+    """An integer that may name an axis: bools are refused, as NumPy refuses them."""
+    return isinstance(a, (int, np.integer)) and not isinstance(a, bool)
 
 
 # typed: 1.0 and True must not hit the entry for channel_axis=1
@@ -228,8 +238,22 @@ def stats_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def _check_subclass(name: str, value: Any, *, written: bool) -> None:
+    """Refuse the ndarray subclasses whose meaning a plain view would lose: a masked array's
+    mask, and (for arrays we write into) np.matrix, which is 2-d whatever it holds."""
+    if type(value) is np.ndarray or not isinstance(value, np.ndarray):
+        return
+    if isinstance(value, np.ma.MaskedArray):
+        _fail(TypeError, f"`{name}` is a masked array, and batch norm has no notion of a mask; "
+                         f"pass {name}.filled(value) or the compressed values instead")
+    if written and isinstance(value, np.matrix):
+        _fail(TypeError, f"`{name}` is an np.matrix, which cannot take a result of rank other "
+                         f"than 2; pass np.asarray({name}) (a view of the same memory)")
+
+
 def as_array(name: str, value: Any) -> np.ndarray:
     """The value as a NumPy float array (no copy for arrays), or a TypeError."""
+    _check_subclass(name, value, written=False)
     arr = np.asarray(value)
     check_float_dtype(name, arr.dtype)
     return arr
@@ -261,6 +285,7 @@ def check_running(name: str, value: Any, layout: Layout) -> np.ndarray | None:
             TypeError,
             f"`{name}` is updated in place and must be a NumPy array, got {type(value).__name__}",
         )
+    _check_subclass(name, value, written=True)
     arr = check_param(name, value, layout)
     if not arr.flags.writeable:
         _fail(ValueError, f"`{name}` is updated in place but is read-only")
@@ -310,6 +335,7 @@ def check_out(out: Any, x: np.ndarray, *inputs: Any, inplace: bool = False
         return None
     if not isinstance(out, np.ndarray):
         _fail(TypeError, f"`out` must be a NumPy array, got {type(out).__name__}")
+    _check_subclass("out", out, written=True)
     if out.shape != x.shape:
         _fail(ValueError, f"`out` must have the input's shape {x.shape}, got {out.shape}")
     if out.dtype != x.dtype:
@@ -390,6 +416,25 @@ def check_backward_epilogue(dy: np.ndarray, x: np.ndarray | None, y: Any,
         if gamma is not None and not (np.abs(gamma) >= GAMMA_MIN).all():
             _fail(ValueError, f"recovering xhat from y needs every |gamma| >= {GAMMA_MIN}")
     return epilogue, y
+
+
+def check_running_aliases(running_mean, running_var, x, gamma, beta, residual=None) -> None:
+    """The running statistics (written in place) share no memory with an input or with each
+    other: through an alias, an update would change x or gamma behind the caller's back."""
+    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
+        if arr is None:
+            continue
+        for other, b in (("x", x), ("gamma", gamma), ("beta", beta), ("residual", residual),
+                         ("running_var", running_var if arr is not running_var else None)):
+            # Two arrays without a base each own their memory (NumPy gives every view a
+            # base), so they cannot overlap: the common case costs no memory test. Else
+            # may_share_memory compares bounds, and shares_memory decides exactly, so that
+            # interleaved views of one buffer (a[0::2], a[1::2]) are not refused.
+            if b is None or (arr.base is None and b.base is None and arr is not b):
+                continue
+            if np.may_share_memory(arr, b) and np.shares_memory(arr, b):
+                _fail(ValueError, f"`{name}` shares memory with `{other}`; the running "
+                                  "statistics are written in place and must be separate arrays")
 
 
 def channel_names(layout: Layout, bad: np.ndarray) -> str:

@@ -20,6 +20,9 @@ ROWS_CHUNK rows), where SIMD lanes keep each partial to a few terms, and in floa
 pieces. ``var = E[d^2] - E[d]^2`` magnifies the partials' rounding by
 ``1 + ((mu-k)/sigma)^2``; when that exceeds 1 + REFINE (an outlying first value) the
 channel's sums are taken again around its mean. A constant channel gives exactly 0.
+A channel whose sums come out Inf or NaN is summed again with every term in float64: its
+float32 partials overflow when ``|x - k|`` passes ~1e19 (a spread float64 holds easily), and
+an Inf or NaN in x gives the same statistics either way. Finite channels pay one test.
 
 The element-wise passes run in x's dtype (twice the SIMD width of float64 for float32) with
 the mean split in two: ``y = (x - mu_hi) * scale + (beta - mu_lo * scale)`` where ``mu_hi``
@@ -147,6 +150,40 @@ def _channel_sums(x, c, k):
 
 
 @nb.njit(**_OPTS)
+def _channel_sums64(x, c, k):
+    """Shifted sums of channel c of a cmajor x around k, every term in float64.
+
+    For the channels whose x's-dtype partials overflowed (see WIDE in the module notes).
+    """
+    na, _, nb_ = x.shape
+    s1 = 0.0
+    s2 = 0.0
+    for a in range(na):
+        for b in range(nb_):
+            e = np.float64(x[a, c, b]) - k
+            s1 += e
+            s2 += e * e
+    return s1, s2
+
+
+@nb.njit(**_OPTS)
+def _column_sums64(x, c, k):
+    """:func:`_channel_sums64` for column c of a rows x [R, C]."""
+    s1 = 0.0
+    s2 = 0.0
+    for r in range(x.shape[0]):
+        e = np.float64(x[r, c]) - k
+        s1 += e
+        s2 += e * e
+    return s1, s2
+
+
+@nb.njit(**_OPTS)
+def _finite(s1, s2):
+    return np.isfinite(s1) and np.isfinite(s2)
+
+
+@nb.njit(**_OPTS)
 def _needs_refine(s1, s2, m):
     """True when the shift of these sums sits over sqrt(REFINE) sigmas from the mean."""
     dm = s1 / m
@@ -192,10 +229,16 @@ def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
             k = np.float64(x[0, c, 0])
             t1 = s1[c - c0]
             t2 = s2[c - c0]
+            wide = not _finite(t1, t2)
+            if wide:  # partials overflowed x's dtype, or x holds Inf / NaN: float64 sums
+                t1, t2 = _channel_sums64(x, c, k)
             if _needs_refine(t1, t2, m):  # an outlying first value: again around the mean
                 p[MU_HI, c] = k + t1 / m
-                t1, t2 = _channel_sums(x, c, p[MU_HI, c])
                 k = np.float64(p[MU_HI, c])
+                if wide:
+                    t1, t2 = _channel_sums64(x, c, k)
+                else:
+                    t1, t2 = _channel_sums(x, c, p[MU_HI, c])
             _finish_stats(t1, t2, k, m, eps, c, st, p)
             st[BAD, c] = 0.0
         for a in range(na):
@@ -291,9 +334,27 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
             break
         # a channel's shift was far from its mean: all sums again around the new shifts
         # (the other channels' unchanged), a second read of x only such inputs pay
+    _widen_rows(x, tot, kx)
     for c in range(nc):
         _finish_stats(tot[0, c], tot[1, c], np.float64(kx[c]), nr, eps, c, st, p)
     apply_rows(x, p, y, st, check, nt)
+
+
+@nb.njit(**_OPTS)
+def _widen_rows(x, tot, kx):
+    """As in fwd_train_cmajor: the sums of a channel that came out Inf or NaN taken again
+    with float64 terms (and around its mean if the shift was far from it)."""
+    nr = x.shape[0]
+    for c in range(x.shape[1]):
+        if _finite(tot[0, c], tot[1, c]):
+            continue
+        k = np.float64(kx[c])
+        t1, t2 = _column_sums64(x, c, k)
+        if _needs_refine(t1, t2, nr):
+            kx[c] = k + t1 / nr
+            t1, t2 = _column_sums64(x, c, np.float64(kx[c]))
+        tot[0, c] = t1
+        tot[1, c] = t2
 
 
 def apply_rows(x, p, y, st, check, nt):

@@ -174,10 +174,11 @@ def _update_running(rm, rv, momentum: float, st: np.ndarray, m: int) -> None:
     nc = st.shape[1]
     fm, fv = _flat_view(rm, nc), _flat_view(rv, nc)
     unbias = m / (m - 1)
-    if fm is not None and fv is not None:
+    if fm is not None and fv is not None and np.float16 not in (fm.dtype, fv.dtype):
         K.update_running(fm, fv, st, float(momentum), unbias)
         return
-    for run, batch in ((rm, st[0]), (rv, st[1] * unbias)):  # odd strides: NumPy
+    # odd strides, or float16 (no arithmetic in Numba's CPU target): NumPy
+    for run, batch in ((rm, st[0]), (rv, st[1] * unbias)):
         if run is not None:
             run[...] = ((1.0 - momentum) * run.astype(np.float64)
                         + momentum * batch.reshape(run.shape))

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _shapes as S
 from ..backends import BackendUnavailable, select
+from . import _args
 
 _NS = "batchnorm"
 
@@ -38,25 +39,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
-    """Validate what the backends would validate, on tensors (which may live on a GPU)."""
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"`input` must have a floating-point dtype, got {x.dtype}")
+    """Validate what the backends would validate, on tensors (which may live on a GPU); the
+    rules are :mod:`._args`'s."""
+    _args.check_input(x)
     layout = S.resolve_layout(x.shape, mode, 1)  # cached per (shape, mode)
-    pshape = layout.param_shape
-    on_cpu = x.is_cpu
     for name, t in params.items():
-        if t is None:
-            continue
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"`{name}` must have a floating-point dtype, got {t.dtype}")
-        if t.shape != pshape:
-            raise ValueError(
-                f"`{name}` must have shape {pshape} (the kept axes of an input of "
-                f"shape {layout.shape} in mode {mode!r}), got shape {tuple(t.shape)}"
-            )
-        # is_cpu answers the common case without building two device objects
-        if not (on_cpu and t.is_cpu) and t.device != x.device:
-            raise ValueError(f"`{name}` is on {t.device} but the input is on {x.device}")
+        if t is not None:
+            _args.check_tensor(name, t, x, layout.param_shape, mode)
     return layout
 
 
@@ -162,7 +151,7 @@ def training_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                           running_var=running_var)
     if batches is not None:
         momentum = 1.0 / max(float(batches), 1.0)
-    S.check_scalars(eps, momentum)
+    # momentum and eps were checked by batch_norm (torch's rules: any real momentum)
     S.check_training_count(layout)
     host = _Host(x)
     xa = host(x)
@@ -186,7 +175,6 @@ def inference_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: 
                    var: Tensor, eps: float, mode: str) -> tuple[Tensor, S.Layout]:
     """(y, layout) of :func:`forward_inference` (shared by the custom op and the eager path)."""
     layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
-    S.check_scalars(eps)
     host = _Host(x)
     xa = host(x)
     y = _output_like(x)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops  # importing it registers torch.ops.batchnorm.*
+from . import _args, _ops  # importing _ops registers torch.ops.batchnorm.*
 from ._ops import param_shape
 
 _ops_ns = torch.ops.batchnorm
@@ -221,8 +221,10 @@ _apply_inference = super(torch.autograd.Function, _EagerInference).apply
 
 def _eager(x: Tensor) -> bool:
     """Whether this call may bypass the custom ops: not while a compiler or exporter traces
-    it, not for tensor subclasses (fake, functional, meta-like), not under torch.func."""
-    return (EAGER_FAST_PATH and type(x) is Tensor and not torch.compiler.is_compiling()
+    it, not for tensor subclasses (fake, functional) or meta tensors (the ops' fake kernels
+    give their shapes), not under torch.func."""
+    return (EAGER_FAST_PATH and type(x) is Tensor and not x.is_meta
+            and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active())
 
 
@@ -245,8 +247,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         running_mean, running_var: [param_shape] or None (required when not training).
         weight, bias: [param_shape] or None.
         training: use batch statistics (and update the running ones).
-        momentum: factor of the running-average update, in [0, 1].
-        eps: added to the variance.
+        momentum: factor of the running-average update; any real number, as in torch.
+        eps: added to the variance; > 0 in training, >= 0 otherwise, as in torch.
         mode: ``"spatial"`` (statistics per channel, ``param_shape = (C,)``),
             ``"spatial_persistent"`` (the same result) or ``"per_activation"``
             (statistics per feature over the batch axis only, ``param_shape = input.shape[1:]``).
@@ -254,15 +256,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             replaces ``momentum`` by ``1 / batches`` (``torch.nn``'s ``momentum=None``) without
             reading the count in Python, which would break a compiled graph.
     """
+    weight, bias, momentum, eps = _args.check(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mode)
+    if input.dim() == 1:  # an empty rank-1 input (the only one check lets through)
+        return input.clone()
     if training:
-        size = input.shape
-        per_channel = size[0] if mode == "per_activation" else size.numel() // max(size[1], 1)
-        if per_channel == 1 and size.numel() > 0:
-            # torch.nn.functional.batch_norm's own message, so callers see the same error.
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
-        momentum, eps = float(momentum), float(eps)
         if _eager(input):
             if _wants_grad(input, weight, bias):
                 return _apply_training(input, weight, bias, running_mean, running_var,
@@ -278,11 +276,6 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             if running_var is not None:
                 running_var.copy_(new_var)
         return y
-    if running_mean is None or running_var is None:
-        # torch.nn.functional.batch_norm's error, so code written against it keeps working
-        missing = "running_mean" if running_mean is None else "running_var"
-        raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    eps = float(eps)
     if _eager(input):
         if _wants_grad(input, weight, bias):
             return _apply_inference(input, weight, bias, running_mean, running_var, eps, mode)

@@ -14,7 +14,10 @@ from .function import batch_norm
 
 
 class _Forward:
-    """The forward of ``torch.nn``'s batch norm, calling :func:`batch_norm`."""
+    """The forward of ``torch.nn``'s batch norm, calling :func:`batch_norm`.
+
+    ``SyncBatchNorm`` shares it and overrides :meth:`_batch_norm` alone.
+    """
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -27,17 +30,20 @@ class _Forward:
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return batch_norm(
+        return self._batch_norm(
             input,
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
-            self.weight,
-            self.bias,
             use_batch,
             momentum,
-            self.eps,
-            batches=batches,
+            batches,
         )
+
+    def _batch_norm(self, input: Tensor, running_mean: Tensor | None,
+                    running_var: Tensor | None, training: bool, momentum: float,
+                    batches: Tensor | None) -> Tensor:
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                          momentum, self.eps, batches=batches)
 
 
 class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):

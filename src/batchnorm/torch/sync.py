@@ -1,9 +1,12 @@
 """Synchronized batch norm: the same op with its two per-channel reductions made global.
 
-Each process holds a shard of the global batch. Forward gathers every shard's per-channel
-(count, mean, M2) in one collective and merges them by count (Chan et al.), so shards of any
-size, empty ones included, give exactly the statistics of the concatenated batch. Backward
-sums (sum dy, sum dy * xhat) over the group in one all-reduce and uses the global count.
+Each process holds a shard of the global batch. Forward first gathers a fixed-size header
+from every process (the number of channels and the dtype), so that processes which disagree
+all raise the same error instead of meeting in a collective of mismatched sizes; then every
+shard's per-channel (count, mean, M2) in one collective, merged by count (Chan et al.), so
+shards of any size, empty ones included, give exactly the statistics of the concatenated
+batch. Backward sums (sum dy, sum dy * xhat) over the group in one all-reduce and uses the
+global count.
 
 The transport is ``torch.distributed`` (gloo on CPU, NCCL on GPUs). Eval mode, a group of one
 process, or an uninitialized ``torch.distributed`` take the local path, this library's
@@ -19,9 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._shapes import check_scalars
-from ._ops import check_layout
+from .. import _shapes as S
+from . import _args
+from ._ops import stats_dtype
 from .function import batch_norm
+from .modules import _Forward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -32,42 +37,59 @@ def _world_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # contract §4: statistics in float64 for float64 input, float32 for everything narrower.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[C] -> [1, C, 1, ...] so it broadcasts against an input of rank ``ndim``."""
-    return t.view((1, -1) + (1,) * (ndim - 2))
-
-
 def _widened(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     # float32 / float64 are used as they are; narrower floats get a float32 copy.
     return t if t.dtype == acc else t.to(acc)
 
 
-def _local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _local_moments(x: torch.Tensor, layout: S.Layout) -> tuple[int, torch.Tensor, torch.Tensor]:
     """This shard's per-channel count, mean and M2 = sum (x - mean)^2.
 
     Args:
         x: [N, C, *spatial], any memory format; N may be 0.
+        layout: x's spatial layout.
     Returns:
-        count (values per channel), mean [C] and M2 [C] in the accumulation dtype.
+        count (values per channel), mean [C] and M2 [C] in the statistics dtype.
     """
-    count = x.shape[0]
-    for s in x.shape[2:]:
-        count *= s
-    acc = _acc_dtype(x.dtype)
-    c = x.shape[1]
+    count = layout.count
+    acc = stats_dtype(x.dtype)
     if count == 0:
-        zero = torch.zeros(c, dtype=acc, device=x.device)
+        zero = torch.zeros(layout.channels, dtype=acc, device=x.device)
         return 0, zero, zero.clone()
-    dims = [0] + list(range(2, x.dim()))
     # torch.var_mean uses Welford / two-pass internally: cancellation-free (contract §4).
     # Narrower floats are widened first (a copy; float32 and float64 are reduced in place).
-    var, mean = torch.var_mean(_widened(x, acc), dim=dims, correction=0)
+    var, mean = torch.var_mean(_widened(x, acc), dim=layout.reduce_axes, correction=0)
     return count, mean, var * count
+
+
+# The header every process sends first: its number of channels and its dtype's code.
+_DTYPE_CODES = {dt: i for i, dt in enumerate(_args.INPUT_DTYPES)}
+
+
+def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
+    """Every process's (C, dtype) in one fixed-size all_gather; if they differ, every process
+    raises the same error. The collectives after it have sizes and dtypes that depend on
+    them, and a collective whose sizes differ between processes is undefined (gloo aborts
+    the process).
+    """
+    header = torch.tensor([x.shape[1], _DTYPE_CODES[x.dtype]], dtype=torch.int64,
+                          device=x.device)
+    rows = [torch.empty_like(header) for _ in range(world_size)]
+    dist.all_gather(rows, header, group=process_group)
+    table = torch.stack(rows).tolist()  # a device read on GPUs (the moments need one too)
+    channels = [c for c, _ in table]
+    dtypes = [_args.INPUT_DTYPES[d] for _, d in table]
+    if len(set(channels)) == 1 and len(set(dtypes)) == 1:
+        return
+    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
+             else range(world_size))
+    what = "number of channels" if len(set(channels)) > 1 else "dtype"
+    got = channels if what == "number of channels" else dtypes
+    listed = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, got, strict=True))
+    raise _args.ArgumentError(
+        f"SyncBatchNorm: the processes of the group disagree on the input's {what} ({listed}); "
+        "every process must normalize the same channels in the same dtype"
+    )
 
 
 def _gather_moments(count, mean, m2, process_group, world_size):
@@ -112,10 +134,13 @@ def _merge_moments(rows: torch.Tensor, c: int) -> tuple[int, torch.Tensor, torch
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world):
-        c = x.shape[1]
-        acc = _acc_dtype(x.dtype)
-        count, mean_l, m2_l = _local_moments(x)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, batches, group,
+                world):
+        layout = S.resolve_layout(x.shape, "spatial", 1)
+        c = layout.channels
+        acc = stats_dtype(x.dtype)
+        _check_agreement(x, group, world)
+        count, mean_l, m2_l = _local_moments(x, layout)
         rows = _gather_moments(count, mean_l, m2_l, group, world)
         n, mean64, m264 = _merge_moments(rows, c)  # n on the host: a sync point on GPUs
         # Decided after the collective, from numbers every rank holds: all raise or none does.
@@ -124,6 +149,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 "Expected more than 1 value per channel when training, got input size "
                 f"{x.shape} (1 value per channel over the {world} processes of the group)"
             )
+        if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
+            momentum = 1.0 / max(float(batches), 1.0)
 
         if n > 0:
             var64 = m264 / n
@@ -147,17 +174,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # y = (x - mean) * (gamma * invstd) + beta, built in the output buffer only;
         # torch.sub keeps x's memory format (channels_last stays channels_last).
         # float16 / bfloat16 are normalized in float32 (a widened copy) and rounded once.
-        nd = x.dim()
-        y = torch.sub(_widened(x, acc), _channel_view(mean, nd))
+        bshape = layout.broadcast_shape
+        y = torch.sub(_widened(x, acc), mean.view(bshape))
         scale = invstd if weight is None else invstd * weight.to(acc)
-        y.mul_(_channel_view(scale, nd))
+        y.mul_(scale.view(bshape))
         if bias is not None:
-            y.add_(_channel_view(bias.to(acc), nd))
+            y.add_(bias.to(acc).view(bshape))
         y = y.to(x.dtype)
 
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count = n
         ctx.group = group
+        ctx.layout = layout
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -165,10 +193,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         n = ctx.count
-        nd = x.dim()
         acc = mean.dtype
-        dims = [0] + list(range(2, nd))
-        mean_v = _channel_view(mean, nd)
+        dims, bshape = ctx.layout.reduce_axes, ctx.layout.broadcast_shape
+        mean_v = mean.view(bshape)
         xw, dyw = _widened(x, acc), _widened(dy, acc)
 
         # One buffer the size of x: first (x - mean) * dy for the reduction, then dx.
@@ -196,9 +223,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             else:
                 b = c0 = torch.zeros_like(a)
             torch.sub(xw, mean_v, out=buf)
-            buf.mul_(_channel_view(b, nd))
-            buf.addcmul_(dyw, _channel_view(a, nd))
-            buf.add_(_channel_view(c0, nd))
+            buf.mul_(b.view(bshape))
+            buf.addcmul_(dyw, a.view(bshape))
+            buf.add_(c0.view(bshape))
             dx = buf.to(x.dtype)
 
         dweight = None
@@ -207,7 +234,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dbias = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             dbias = dbeta_local.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -220,6 +247,8 @@ def sync_batch_norm(
     momentum: float,
     eps: float,
     process_group=None,
+    *,
+    batches: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch norm whose training statistics cover the batch of every process in the group.
 
@@ -227,38 +256,43 @@ def sync_batch_norm(
 
     Every process of ``process_group`` must call it (also with an empty shard), and in
     backward every process must reach it too. Running statistics are updated in place with
-    the global count (unbiased variance ``M2 / (n - 1)``).
+    the global count (unbiased variance ``M2 / (n - 1)``). Arguments follow the rules of
+    :func:`batchnorm.torch.batch_norm`; processes that disagree on the number of channels or
+    the dtype all raise a ValueError saying so.
 
     Args:
-        input: [N, C, *spatial] (rank 2 to 5, any memory format); N may differ per process.
+        input: [N, C, *spatial] (rank 2 and up, any memory format); N may differ per process.
         running_mean, running_var: [C] or None.
         weight, bias: [C] or None.
         training: use batch statistics (synchronized) rather than the running ones.
-        momentum: running-statistics factor m in [0, 1].
+        momentum: running-statistics factor m.
         eps: added to the variance.
         process_group: the group to synchronize over; None is the default group.
+        batches: as in :func:`batchnorm.torch.batch_norm`, the batches seen, this one
+            included; replaces momentum by 1 / batches (torch.nn's momentum=None).
     """
-    if input.dim() < 2:
-        raise ValueError(f"expected an input of rank 2 or more, got shape {tuple(input.shape)}")
-    # Every rank refuses bad arguments before the collective, so none is left waiting.
-    check_layout(input, "spatial", weight=weight, bias=bias, running_mean=running_mean,
-            running_var=running_var)
-    check_scalars(eps, momentum)
+    # Checked before any collective, so that a bad argument is an error here, not a hang
+    # there. A shard may hold one value per channel: the count that matters is the group's.
+    weight, bias, momentum, eps = _args.check(input, running_mean, running_var, weight, bias,
+                                              training, momentum, eps, count=False)
     world = _world_size(process_group)
-    if not training or world == 1:
-        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training or world == 1 or input.dim() < 2:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, batches=batches)
     return _SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group, world
+        input, weight, bias, running_mean, running_var, eps, momentum, batches, process_group,
+        world,
     )
 
 
-class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
     """Batch norm synchronized over a process group, on CPU (gloo) or GPU (NCCL).
 
     The constructor, parameters, buffers and state_dict of ``torch.nn.SyncBatchNorm``;
     accepts [N, C], [N, C, L], [N, C, H, W] and [N, C, D, H, W] input. It derives from the
     common base ``_BatchNorm`` rather than from ``torch.nn.SyncBatchNorm`` itself because
     DistributedDataParallel refuses any ``torch.nn.SyncBatchNorm`` instance in a CPU module.
+    The forward is :class:`batchnorm.torch.BatchNorm2d`'s; only training synchronizes.
     """
 
     def __init__(
@@ -281,28 +315,13 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        # momentum=None is a cumulative average: m = 1 / num_batches_tracked (contract §3).
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        if self.training:
-            running = self.track_running_stats
-            return sync_batch_norm(
-                input,
-                self.running_mean if running else None,
-                self.running_var if running else None,
-                self.weight, self.bias, True, factor, self.eps, self.process_group,
-            )
-        # Eval is local; without running statistics it normalizes by this shard's batch.
-        use_batch = self.running_mean is None and self.running_var is None
-        return batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            use_batch, factor, self.eps,
-        )
+    def _batch_norm(self, input, running_mean, running_var, training, momentum, batches):
+        if not self.training:  # eval is local, also when it normalizes by this shard's batch
+            return super()._batch_norm(input, running_mean, running_var, training, momentum,
+                                       batches)
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                               training, momentum, self.eps, self.process_group,
+                               batches=batches)
 
     @classmethod
     def from_batchnorm(cls, module: torch.nn.modules.batchnorm._BatchNorm, process_group=None):
