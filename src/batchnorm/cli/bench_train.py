@@ -16,35 +16,7 @@ import statistics
 import sys
 import time
 
-
-def build_net(width: int = 32, blocks: int = 2, classes: int = 10, in_channels: int = 3):
-    """conv-BN-ReLU stem, ``blocks`` residual blocks (conv-BN-ReLU-conv-BN + skip, ReLU),
-    global average pooling, and a Linear-BatchNorm1d-ReLU-Linear head, all from ``torch.nn``.
-    """
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, c: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c)
-            self.relu = nn.ReLU()
-
-        def forward(self, x):
-            y = self.relu(self.bn1(self.conv1(x)))
-            return self.relu(x + self.bn2(self.conv2(y)))
-
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                      nn.BatchNorm2d(width), nn.ReLU()),
-        nn.Sequential(*[Block(width) for _ in range(blocks)]),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Sequential(nn.Linear(width, 2 * width), nn.BatchNorm1d(2 * width), nn.ReLU(),
-                      nn.Linear(2 * width, classes)),
-    )
+from .networks import build_net
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
