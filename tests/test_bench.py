@@ -80,6 +80,7 @@ def test_combine_keeps_the_worst_status_and_its_reasons():
     assert M.combine([M.OK, noisy]) == noisy
     assert M.combine([]) == M.OK
     assert str(bad) == "INVALID: b" and bad.brief() == "INVALID: b" and noisy.brief() == "noisy"
+    assert M.Verdict("invalid", ("b", "c")).brief() == "INVALID: b (+1 more)"
 
 
 def test_a_total_with_an_invalid_part_is_invalid():

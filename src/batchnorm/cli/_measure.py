@@ -94,8 +94,12 @@ class Verdict:
         return f"{label}: {'; '.join(self.reasons)}"
 
     def brief(self) -> str:
-        """For a table whose other columns show the spreads: the reasons of invalid only."""
-        return str(self) if self.status == "invalid" else self.status
+        """For a table whose other columns show the spreads: the status, and for an invalid
+        figure its first reason (the CSV rows keep them all)."""
+        if self.status != "invalid":
+            return self.status
+        more = f" (+{len(self.reasons) - 1} more)" if len(self.reasons) > 1 else ""
+        return f"INVALID: {self.reasons[0]}{more}"
 
 
 OK = Verdict("ok")

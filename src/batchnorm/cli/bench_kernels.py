@@ -327,14 +327,16 @@ def _print(rows, cold, threads, batch, args, cache) -> None:
         theirs = net.get(("torch", pass_, lay, alloc), [])
         tms = sum(r["weight"] * r["median_ms"] for r in theirs)
         status = M.total_verdict([M.from_fields(r) for r in mine + theirs])
+        if not status.valid:  # a sum with an invalid part is no result
+            total_rows.append([pass_, lay, alloc, *["-"] * 7, f"{copy:.1f}", str(status)])
+            continue
         total_rows.append([pass_, lay, alloc, f"{ms:.1f}", f"{k * copy / ms:.2f}",
                            f"{k * copy_alg / ms:.2f}",
                            f"{tms:.1f}" if tms else "-", f"{k * copy / tms:.2f}" if tms else "-",
                            f"{k * copy_alg / tms:.2f}" if tms else "-",
-                           f"{tms / ms:.2f}x" if tms and status.valid else "-",
-                           f"{copy:.1f}", str(status)])
+                           f"{tms / ms:.2f}x" if tms else "-", f"{copy:.1f}", str(status)])
     if total_rows:
-        table(f"ResNet-50 network total (53 BN layers, batch {batch})",
+        table(f"ResNet-50 network total (BN layers weighted by count, batch {batch})",
               ["pass", "layout", "alloc", "batchnorm-cpu ms", "f", "f_alg", "torch ms",
                "torch f", "torch f_alg", "speed-up", "copy ms", "status"], total_rows)
 
