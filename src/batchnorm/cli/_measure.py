@@ -24,8 +24,8 @@ reported with its reason instead of as a result:
   machine does not void the rest).
 
 A valid figure whose spread stays above the target once the budget is spent is *noisy*: shown,
-marked as such. Everything here but :func:`timer_resolution`, :func:`batched` and
-:func:`interleave` is pure, so the tests feed it impossible timings directly.
+marked as such. The summaries and the judging are pure functions, so the tests feed them
+impossible timings directly.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from functools import cache
 F_MAX = 1.2             # f above this is faster than moving the bytes: not a measurement
 RESOLUTION_FACTOR = 100  # a timed interval must span this many timer ticks
 SPREAD_INVALID = 0.5    # IQR / median above this: the series measured the machine, not the code
-RATIO_SPAN_MAX = 10.0   # largest / smallest per-round ratio above this: no ratio to report
+RATIO_SPAN_MAX = 10.0   # 90th / 10th percentile of per-round ratios above this: no ratio
 SPREAD_TARGET = 0.05    # rounds continue (within the budget) until spreads are at most this
 MIN_MEASURE_S = 2e-3    # one measurement averages calls until it lasts this long
 
@@ -290,7 +290,8 @@ class ModuleTimer:
     backward runs; a hook on its input fires once the input's gradient is complete. For a
     module whose input no other operation reads (a BN right after its convolution, as in
     every network here) that is right after the module's backward and the accumulation of its
-    parameters' gradients. An input that needs no gradient leaves the backward untimed.
+    parameters' gradients. An input that needs no gradient leaves the backward untimed. Each
+    module is called once per step.
     """
 
     def __init__(self, modules):
@@ -310,24 +311,22 @@ class ModuleTimer:
             h.remove()
 
     def _before(self, module, inputs) -> None:
-        x = inputs[0]
-        if x.requires_grad:
-            key = id(module)
-
-            def end(_grad) -> None:  # returns None: the gradient passes unchanged
-                self._end_backward(key)
-            x.register_hook(end)
         self._started[id(module)] = time.perf_counter()
 
     def _after(self, module, inputs, output) -> None:
         now = time.perf_counter()
-        self.forward += now - self._started.pop(id(module))
-        if output.requires_grad:
-            key = id(module)
+        key = id(module)
+        self.forward += now - self._started.pop(key)
+        x = inputs[0]
+        if output.requires_grad and x.requires_grad:  # a backward will run: bracket it
 
-            def start(_grad) -> None:
+            def start(_grad) -> None:  # returns None: the gradient passes unchanged
                 self._start_backward(key)
+
+            def end(_grad) -> None:
+                self._end_backward(key)
             output.register_hook(start)
+            x.register_hook(end)
 
     def _start_backward(self, key: int) -> None:
         self._started[key] = time.perf_counter()
