@@ -300,6 +300,8 @@ def test_an_option_the_mode_does_not_read_is_a_usage_error(capsys):
     assert "does not read --only" in capsys.readouterr().out
     assert cli.main(["bench", "--kernels", "--after-conv"]) == 2
     assert cli.main(["bench", "--pass", "bwd", "--only", "x2048x"]) == 2  # layers: no bwd
+    assert cli.main(["bench", "--reps", "2", "--only", "x2048x"]) == 2    # no spread
+    assert cli.main(["bench", "--threads", "0", "--only", "x2048x"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["bench", "--train", "--kernels"])  # one mode at a time
 

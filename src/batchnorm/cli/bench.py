@@ -76,8 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fwd, inf")
     common.add_argument("--only", default=None, metavar="TEXT",
                         help="only shapes whose NxCxHxW name contains TEXT (e.g. x2048x)")
-    common.add_argument("--batch", type=int, default=None, help="batch size")
-    common.add_argument("--image", type=int, default=None, help="image height = width")
+    common.add_argument("--batch", type=int, default=None,
+                        help="batch size (layers: one size, batch x image, instead of 8 x 128 "
+                             "and 32 x 224; kernels: 32, --quick 8; train: 8; compile: 32)")
+    common.add_argument("--image", type=int, default=None,
+                        help="image height = width (layers: 128 with --batch; train: 128; "
+                             "compile: 32)")
     # dest -> (the module that reads it, or None for a common option; its default)
     options = {a.dest: (None, a.default) for a in common._group_actions}
     for name, mode in MODES.items():
@@ -105,6 +109,12 @@ def run(args) -> int:
     wrong = misplaced(args)
     if wrong:
         console(f"batchnorm bench --{args.mode} does not read {', '.join(wrong)}")
+        return 2
+    if args.reps is not None and args.reps < 3:
+        console("--reps must be at least 3 (a spread needs three values)")
+        return 2
+    if args.budget is not None and args.budget < 0:
+        console("--budget must not be negative")
         return 2
     if args.threads < 1 or args.threads > numba.config.NUMBA_NUM_THREADS:
         console(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
