@@ -138,6 +138,12 @@ def test_batched_sizes_the_batch_from_the_step():
     assert mean() == pytest.approx(1e-3) and len(calls) == 7
 
 
+def test_budget_shares_what_is_left_among_the_parts_to_come():
+    shares = M.Budget(100.0, 4)
+    assert 24.0 < shares.share() <= 25.0     # nothing spent yet: a quarter
+    assert M.Budget(0.0, 3).share() == 0.0
+
+
 # ---- impossible timings through the modes' reporting
 
 

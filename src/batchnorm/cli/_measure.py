@@ -280,6 +280,23 @@ def interleave(steps: dict[Hashable, Step], *, min_rounds: int, max_rounds: int,
     return out
 
 
+class Budget:
+    """A time budget shared by ``parts`` measurements run one after another: each gets what
+    is left over the parts still to run, so time a quick part did not use goes to later ones.
+    """
+
+    def __init__(self, seconds: float, parts: int):
+        self._deadline = time.perf_counter() + seconds
+        self._left = parts
+
+    def share(self) -> float:
+        """Seconds for the next part (call once per part)."""
+        remaining = max(0.0, self._deadline - time.perf_counter())
+        share = remaining / max(self._left, 1)
+        self._left -= 1
+        return share
+
+
 # ---- time inside modules of a network
 
 class ModuleTimer:

@@ -65,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--reps", type=int, default=None,
                         help="rounds (or training steps) measured at least, per case")
     common.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="time allowed for extra rounds while spreads exceed the target")
+                        help="about how long the rounds may take: every case gets its --reps "
+                             "rounds, and cases share what is left for more rounds while "
+                             "their spreads exceed the 5%% target")
     common.add_argument("--csv", default=None, help="write CSV rows to this path")
     common.add_argument("--layout", default="both", choices=["nchw", "nhwc", "both"])
     common.add_argument("--dtype", default="float32",

@@ -244,14 +244,14 @@ def run(args) -> int:
     if not cases:
         console("no shape matches the filters")
         return 2
-    per_case = budget / (len(cases) * len(passes))
+    shares = M.Budget(budget, len(cases) * len(passes))
     with progress_bar("kernels", total=len(cases) * len(passes)) as advance:
         for group, shape, lay, weight in cases:
             case = _Case(shape, lay, dtype)
             for pass_ in passes:
                 advance(description=f"{group} {shape} {lay} {pass_}")
                 rows += _measure_case(case, group, pass_, weight, providers, args, threads,
-                                      cache, min_rounds, per_case, resolution)
+                                      cache, min_rounds, shares.share(), resolution)
 
     cold = None if args.no_cold_start else _cold_start(threads)
     _print(rows, cold, threads, batch, args, cache)

@@ -126,13 +126,13 @@ def run(args) -> int:
         console("no shape matches --only")
         return 2
     resolution = M.timer_resolution()
-    per_case = budget / len(cases)
+    shares = M.Budget(budget, len(cases))
     results = []
     with progress_bar("layers", total=len(cases)) as advance:
         for b, s, shape, n, lay, p in cases:
             advance(description=f"{b}x{s} {lay} {p} {shape}")
             results.append(_measure_case(pair, b, s, shape, n, lay, p, dtype, min_rounds,
-                                         per_case, args.after_conv))
+                                         shares.share(), args.after_conv))
     rows = _rows(results, pair, args, resolution)
     _print(rows, pair, args)
     if args.csv:
