@@ -178,7 +178,8 @@ def test_layers_rows_and_total_from_plausible_timings():
     shapes = resnet50_shapes(8, 128)[:2]
     results = [bench_layers._Result(8, 128, "nchw", "train", shape, n,
                                     {pair.ours: [k * 1e-3, k * 1.01e-3, k * 0.99e-3],
-                                     pair.theirs: [2e-3, 2.02e-3, 1.98e-3]}, 0.2e-3, {})
+                                     pair.theirs: [2e-3, 2.02e-3, 1.98e-3]}, 0.2e-3,
+                                    4 * math.prod(shape), {})
                for (shape, n), k in zip(shapes, (1.0, 1.6), strict=True)]
 
     class Args:
@@ -188,6 +189,7 @@ def test_layers_rows_and_total_from_plausible_timings():
     layer = next(r for r in rows if r["provider"] == pair.ours and r["shape"] != "total")
     assert layer["f"] == pytest.approx(0.5)          # 5 bytes(x) / (t B_copy), 2 t_copy = t
     assert layer["speedup"] == pytest.approx(2.0) and layer["status"] == "ok"
+    assert layer["copy_gbs"] == pytest.approx(8 * math.prod(shapes[0][0]) / 0.2e-3 / 1e9)
     total = next(r for r in rows if r["shape"] == "total" and r["provider"] == pair.ours)
     (_, n0), (shape1, n1) = shapes
     assert total["count"] == n0 + n1 == RESNET50[0][1] + RESNET50[1][1]

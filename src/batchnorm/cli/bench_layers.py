@@ -99,6 +99,7 @@ class _Result:
     count: int
     times: dict[str, list[float]]  # provider name -> per-call seconds by round
     t_copy: float
+    nbytes: int                    # bytes of x
     errors: dict[str, str]         # provider name -> why it could not be timed
 
 
@@ -174,7 +175,7 @@ def _measure_case(pair, batch, image, shape, count, layout, pass_, dtype, min_ro
                          budget_s=budget, watch=both,
                          pairs=[tuple(both)] if len(both) == 2 else ())
     return _Result(batch, image, layout, pass_, shape, count, times, min(times.pop("copy")),
-                   errors)
+                   x.numel() * x.element_size(), errors)
 
 
 def _provider_step(module, pass_: str, xs: list, dy, conv) -> M.Step:
@@ -232,7 +233,8 @@ def _rows(results: list[_Result], pair: Pair, args, resolution: float) -> list[d
             base = dict(mode="layers", provider=name, pass_=r.pass_, batch=r.batch,
                         image=r.image, shape="x".join(map(str, r.shape)), count=r.count,
                         dtype=args.dtype, layout=r.layout, threads=args.threads,
-                        after_conv=args.after_conv, device=M.device(), versions=M.versions())
+                        after_conv=args.after_conv, copy_gbs=2 * r.nbytes / r.t_copy / 1e9,
+                        device=M.device(), versions=M.versions())
             if name in r.errors:
                 rows.append(base | _empty() | M.as_fields(M.Verdict("invalid",
                                                                    (r.errors[name],))))
@@ -277,6 +279,7 @@ def _totals(rows: list[dict], pair: Pair) -> list[dict]:
                 provider=name, shape="total", count=sum(r["count"] for r in part),
                 reps=min(r["reps"] for r in part), min_ms=float("nan"), median_ms=t,
                 max_ms=float("nan"), spread=float("nan"), copy_ms=copy, f=k * copy / t,
+                copy_gbs=float("nan"),
                 speedup=speedup, ratio_spread=float("nan"),
                 worst_shape=f"{worst['shape']} ({worst['speedup']:.2f}x)" if worst else "")
                 | M.as_fields(verdict))
@@ -325,6 +328,10 @@ def _print(rows: list[dict], pair: Pair, args) -> None:
                      _fmt(o["median_ms"], ".2f", ok), _fmt(t["median_ms"], ".2f", ok),
                      _fmt(o["speedup"], ".2f", ok) + ("x" if ok else ""), o["worst_shape"],
                      _fmt(o["f"], ".2f", ok), _fmt(t["f"], ".2f", ok), str(verdict)])
+    bandwidth = M.summarize([r["copy_gbs"] for r in layers])
+    console(f"threaded copy of x (bytes read + written / time), over the cases: "
+            f"{bandwidth.min:.1f} to {bandwidth.max:.1f} GB/s, median {bandwidth.median:.1f} "
+            "(f is relative to it; a busy machine slows the copy and the layers alike)")
     table(f"network total ({totals[0]['count']} BN layers of ResNet-50, weighted by count)"
           if totals else "network total", ["size", "layout", "pass", "ours ms", "torch ms",
                                            "speed-up", "worst layer", "ours f", "torch f",
