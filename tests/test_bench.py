@@ -169,6 +169,7 @@ def test_layers_mode_reports_impossible_timings_as_invalid(monkeypatch, capsys, 
         assert reason in ours["reason"]
     total = [r for r in rows if r["shape"] == "total"]
     assert {r["status"] for r in layer} == {"invalid"} and len(layer) == 2
+    assert len({r["reason"] for r in layer}) == 1   # both rows carry the pair's verdict
     assert {r["status"] for r in total} == {"invalid"}
     assert all(r["speedup"] == "nan" for r in total)   # no speed-up from invalid layers
 
@@ -238,6 +239,7 @@ def test_train_rows_judge_the_bn_time_and_the_ratios():
     rows = bench_train._rows(bn, rec, {ours: Timer, theirs: Timer}, [(theirs, ours)], 8, 128,
                              Args)
     assert rows[0]["status"] == "invalid" and "BN ratio" in rows[0]["reason"]
+    assert rows[1]["status"] == "invalid"   # the pair's verdict: torch.nn's row too
 
 
 # ---- the network and the hook timer

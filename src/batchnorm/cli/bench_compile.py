@@ -72,9 +72,12 @@ def run(args) -> int:
     rows = []
     for theirs, ours in pairs:
         rs = M.summarize(M.ratios(times[ours], times[theirs]))  # time ours / torch
+        # the ratio is only as good as both times: both rows carry the pair's verdict
+        verdict = M.combine([
+            *(M.judge(M.summarize(times[k]), interval=min(times[k]), resolution=resolution)
+              for k in (ours, theirs)), M.judge_ratios(rs)])
         for key in (ours, theirs):
             s = M.summarize(times[key])
-            verdict = M.judge(s, interval=s.min, resolution=resolution, ratios=rs)
             rows.append(dict(
                 mode="compile", provider=key[0], pass_=f"train_step_{key[1]}",
                 network=f"build_net(width={args.width}, blocks={args.blocks})",

@@ -229,20 +229,27 @@ def _rows(results: list[_Result], pair: Pair, args, resolution: float) -> list[d
         theirs, ours = r.times.get(pair.theirs), r.times.get(pair.ours)
         rs = M.summarize(M.ratios(theirs, ours)) if theirs and ours else None
         k = pair.traffic[r.pass_] / 2
+        measured, verdicts = {}, {}
+        for name in (pair.ours, pair.theirs):
+            if name in r.errors:
+                verdicts[name] = M.Verdict("invalid", (f"{name} {r.errors[name]}",))
+                continue
+            s = M.summarize(r.times[name])
+            measured[name] = s, k * r.t_copy / s.median
+            verdicts[name] = M.judge(s, interval=s.min / (2 if r.pass_ == "train" else 1),
+                                     resolution=resolution, f=measured[name][1], ratios=rs)
+        # a speed-up is only as good as both of its times: both rows carry the pair's verdict
+        verdict = M.combine(verdicts.values())
         for name in (pair.ours, pair.theirs):
             base = dict(mode="layers", provider=name, pass_=r.pass_, batch=r.batch,
                         image=r.image, shape="x".join(map(str, r.shape)), count=r.count,
                         dtype=args.dtype, layout=r.layout, threads=args.threads,
                         after_conv=args.after_conv, copy_gbs=2 * r.nbytes / r.t_copy / 1e9,
                         device=M.device(), versions=M.versions())
-            if name in r.errors:
-                rows.append(base | _empty() | M.as_fields(M.Verdict("invalid",
-                                                                   (r.errors[name],))))
+            if name not in measured:
+                rows.append(base | _empty() | M.as_fields(verdict))
                 continue
-            s = M.summarize(r.times[name])
-            f = k * r.t_copy / s.median
-            verdict = M.judge(s, interval=s.min / (2 if r.pass_ == "train" else 1),
-                              resolution=resolution, f=f, ratios=rs)
+            s, f = measured[name]
             rows.append(base | dict(
                 reps=s.n, min_ms=s.min * 1e3, median_ms=s.median * 1e3, max_ms=s.max * 1e3,
                 spread=s.spread, copy_ms=r.t_copy * 1e3, f=f,
@@ -267,7 +274,7 @@ def _totals(rows: list[dict], pair: Pair) -> list[dict]:
     for _, mine in groups.items():
         ours = [r for r in mine if r["provider"] == pair.ours]
         theirs = [r for r in mine if r["provider"] == pair.theirs]
-        verdict = M.total_verdict([M.from_fields(r) for r in ours + theirs], "figures")
+        verdict = M.total_verdict([M.from_fields(r) for r in ours])  # each the pair's
         t_ours = sum(r["count"] * r["median_ms"] for r in ours)
         t_theirs = sum(r["count"] * r["median_ms"] for r in theirs)
         speedup = t_theirs / t_ours if verdict.valid else float("nan")
@@ -305,7 +312,7 @@ def _print(rows: list[dict], pair: Pair, args) -> None:
     by_table: dict[tuple, list[list[str]]] = {}
     for (b, s, lay, p, shape), pr in groups.items():
         o, t = pr[pair.ours], pr[pair.theirs]
-        verdict = M.combine([M.from_fields(o), M.from_fields(t)])
+        verdict = M.from_fields(o)  # the pair's
         ok = verdict.valid
         by_table.setdefault((b, s, lay, p), []).append([
             shape, str(o["count"]), _fmt(o["median_ms"], ".3f", ok),

@@ -113,16 +113,17 @@ def _rows(bn, records, timers, pairs, batch, image, args) -> list[dict]:
         bn_ratio = M.summarize(M.ratios(bn[ours_key], bn[theirs_key]))  # time ours / torch
         step_ratio = M.summarize(M.ratios(records[ours_key]["step"],
                                           records[theirs_key]["step"]))
-        for key in (ours_key, theirs_key):
+        times = {key: M.summarize(bn[key]) for key in (ours_key, theirs_key)}
+        # the ratios are only as good as both BN times: both rows carry the pair's verdict
+        verdict = M.combine([
+            *(M.judge(s, interval=s.min / (2 * timers[key].modules), resolution=resolution)
+              for key, s in times.items()),  # shortest interval: one module's pass, on average
+            M.judge_ratios(bn_ratio, what="BN ratio"),
+            M.judge_ratios(step_ratio, what="step ratio")])
+        for key, s_bn in times.items():
             name, lay = key
-            s_bn, rec = M.summarize(bn[key]), records[key]
+            rec = records[key]
             s_step = M.summarize(rec["step"])
-            # the shortest timed interval: one module's forward (or backward) on average
-            interval = s_bn.min / (2 * timers[key].modules)
-            verdict = M.combine([
-                M.judge(s_bn, interval=interval, resolution=resolution),
-                M.judge_ratios(bn_ratio, what="BN ratio"),
-                M.judge_ratios(step_ratio, what="step ratio")])
             rows.append(dict(
                 mode="train", provider=name, pass_="train_step", network="resnet50",
                 shape=f"{batch}x3x{image}x{image}", dtype="float32", layout=lay,
