@@ -282,15 +282,20 @@ def _measure_case(case, group, pass_, weight, providers, args, threads, cache, m
     t_copy = min(times.pop("copy"))
     k = 1.5 if pass_ == "bwd" else 1.0
     alg = _alg_factor(case, pass_, threads, cache)
+    own = {}  # each figure's own verdict: its times, and f for the fast providers
+    for key, ts in times.items():
+        s = M.summarize(ts)
+        own[key] = M.judge(s, interval=s.min * per_measure[key], resolution=resolution,
+                           f=k * t_copy / s.median if key[0] != "reference" else None)
     rows = []
     for (prov, alloc), ts in times.items():
         s = M.summarize(ts)
         f = k * t_copy / s.median
         theirs = times.get(("torch", alloc))
         rs = M.summarize(M.ratios(theirs, ts)) if theirs and prov != "torch" else None
-        verdict = M.judge(s, interval=s.min * per_measure[prov, alloc], resolution=resolution,
-                          f=f if prov != "reference" else None,
-                          ratios=rs if prov != "reference" else None)
+        verdict = own[prov, alloc]
+        if prov == "batchnorm-cpu" and rs:  # its speed-up needs both times and the ratios
+            verdict = M.combine([verdict, own["torch", alloc], M.judge_ratios(rs)])
         rows.append(dict(
             group=group, provider=prov, pass_=pass_, shape="x".join(map(str, case.shape)),
             dtype=args.dtype, layout=case.layout, alloc=alloc, weight=weight, threads=threads,
@@ -349,7 +354,7 @@ def _print(rows, cold, threads, batch, args, cache) -> None:
                        r["provider"], "-" if bad else f"{r['median_ms']:.3f}",
                        f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", f"{r['spread']:.0%}",
                        "-" if bad else f"{r['f']:.2f}", "-" if bad else f"{r['f_alg']:.2f}",
-                       "-" if bad or r["provider"] == "torch" else
+                       "-" if bad or r["provider"] != "batchnorm-cpu" else
                        f"{r['speedup_vs_torch']:.2f}x", M.from_fields(r).brief()])
     table("per shape (median ms; f = fraction of the copy limit)",
           ["group", "shape", "layout", "pass", "alloc", "provider", "ms", "range", "spread",
