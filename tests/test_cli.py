@@ -69,7 +69,8 @@ def test_demo_quick_trains_three_models_and_saves_the_plot(tmp_path):
     r = run_cli("demo", "--epochs", "1", "--quick", "--plot", str(plot), "--csv", str(csv_path),
                 timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("batchnorm.torch", "torch.nn BN", "no BN", "test accuracy"):
+    for name in ("batchnorm.torch", "torch.nn BN", "no BN", "test accuracy",
+                 "BN layers / epoch", "time in the batch-norm layers"):
         assert name in r.stdout
     assert "agree within float32 tolerance" in r.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

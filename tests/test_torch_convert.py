@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import batchnorm.torch as bnt
-from batchnorm.cli.bench_train import build_net
+from batchnorm.cli.networks import build_net
 
 
 def assert_close(a, b, what, atol=2e-5, rtol=1e-4):

@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "verify": ("batchnorm.cli.verify",
                "check the reference against finite differences and PyTorch autograd"),
-    "bench": ("batchnorm.cli.bench", "time the backends against PyTorch and a parallel copy"),
+    "bench": ("batchnorm.cli.bench", "time our layers and kernels against PyTorch's, side by side"),
     "demo": ("batchnorm.cli.demo", "train a small CNN on the 8x8 digits three ways and compare"),
 }
 

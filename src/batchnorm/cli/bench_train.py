@@ -1,136 +1,161 @@
-"""Training-step benchmark: a small ResNet-style network with our batch norms vs torch.nn's.
+"""``batchnorm bench --train``: the time spent in BN modules inside a ResNet-50 training step.
 
-One step is forward, cross-entropy, backward and an SGD update. Both models start from the
-same weights, use the same thread count and the same batches, and are timed alternately so
-that machine noise hits both alike; the report is the median step time of each and their ratio
-(> 1 means ours is faster). Outputs are allocated fresh by both sides on every step.
+A training step of ResNet-50 (``networks.resnet50``; batch 8 at 128x128 by default) with
+``torch.nn``'s batch norms, and the same network through ``convert_model`` (the same initial
+weights), in each layout: forward, cross-entropy, backward and an SGD update with momentum,
+every output fresh. The models step in interleaved rounds (``_measure.interleave``).
+
+A whole step's time cannot resolve batch norm's share: BN is about a tenth of a CPU ResNet-50
+step, and a shared machine moves a whole step by more than that from run to run. So
+``_measure.ModuleTimer`` sums, from hooks that run on both models alike, the time each step
+spends inside the BN modules' forward and backward; that sum, ours against torch.nn's in the
+same rounds, is the headline (median over rounds of the per-round ratio).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import platform
-import statistics
-import sys
 import time
 
-
-def build_net(width: int = 32, blocks: int = 2, classes: int = 10, in_channels: int = 3):
-    """conv-BN-ReLU stem, ``blocks`` residual blocks (conv-BN-ReLU-conv-BN + skip, ReLU),
-    global average pooling, and a Linear-BatchNorm1d-ReLU-Linear head, all from ``torch.nn``.
-    """
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, c: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c)
-            self.relu = nn.ReLU()
-
-        def forward(self, x):
-            y = self.relu(self.bn1(self.conv1(x)))
-            return self.relu(x + self.bn2(self.conv2(y)))
-
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                      nn.BatchNorm2d(width), nn.ReLU()),
-        nn.Sequential(*[Block(width) for _ in range(blocks)]),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Sequential(nn.Linear(width, 2 * width), nn.BatchNorm1d(2 * width), nn.ReLU(),
-                      nn.Linear(2 * width, classes)),
-    )
+from . import _measure as M
+from ._console import console, progress_bar, table
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the training-step benchmark."""
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--size", type=int, default=32, help="image height = width (default 32)")
-    parser.add_argument("--width", type=int, default=32, help="channels of the network")
-    parser.add_argument("--blocks", type=int, default=2, help="residual blocks")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for both models (default: torch's current)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC activations")
-    parser.add_argument("--csv", default=None, help="append one row per model to this CSV")
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """The options only this mode reads."""
+    group.add_argument("--warmup", type=int, default=None,
+                       help="untimed steps per model first (default 2, --quick 1)")
 
 
-def _step(model, opt, x, target, loss_fn):
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), target)
-    loss.backward()
-    opt.step()
-    return loss
-
-
-def run(args: argparse.Namespace) -> int:
-    """Time both models; print the medians and the ratio; optionally append CSV rows."""
+def _stepper(model, x, target):
+    """A training step of ``model`` on (x, target): SGD with momentum, fresh gradients."""
     import torch
 
-    from .. import backends
-    from ..torch import convert_model
-    from ._console import console
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    theirs = build_net(args.width, args.blocks).to(memory_format=fmt).train()
-    ours = convert_model(copy.deepcopy(theirs))
-    models = {"torch": theirs, "batchnorm": ours}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), target).backward()
+        opt.step()
+    return step
+
+
+def run(args) -> int:
+    """Step ResNet-50 with both batch norms in each layout; print the BN time and the step."""
+    import torch
+
+    from ..torch import convert_model
+    from .networks import resnet50
+
+    batch, image = args.batch or 8, args.image or 128
+    layouts = ["nchw", "nhwc"] if args.layout == "both" else [args.layout]
+    min_rounds = args.reps or (5 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    budget = args.budget if args.budget is not None else (30.0 if args.quick else 180.0)
+    torch.manual_seed(0)
+    base = resnet50(classes=10).train()
     g = torch.Generator().manual_seed(1)
-    shape = (args.batch, 3, args.size, args.size)
-    x = torch.randn(shape, generator=g).to(memory_format=fmt)
-    target = torch.randint(0, 10, (args.batch,), generator=g)
+    x0 = torch.randn(batch, 3, image, image, generator=g)
+    target = torch.randint(0, 10, (batch,), generator=g)
 
-    times = {k: [] for k in models}
-    for i in range(args.warmup + args.steps):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            _step(model, opts[name], x, target, loss_fn)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    timers, records, steps, pairs = {}, {}, {}, []
+    for lay in layouts:
+        fmt = torch.channels_last if lay == "nhwc" else torch.contiguous_format
+        x = x0.to(memory_format=fmt)
+        theirs = copy.deepcopy(base).to(memory_format=fmt)
+        ours = convert_model(copy.deepcopy(base))
+        for name, model in (("torch.nn", theirs), ("batchnorm.torch", ours)):
+            key = (name, lay)
+            timers[key] = M.ModuleTimer(M.bn_modules(model))
+            records[key] = {"step": [], "fwd": [], "bwd": []}
+            steps[key] = _recorded(_stepper(model, x, target), timers[key], records[key])
+        pairs.append((("torch.nn", lay), ("batchnorm.torch", lay)))
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["torch"] / med["batchnorm"]
-    backend = backends.select("auto", x.numpy()).NAME
-    console(f"training step, batch {shape}, width {args.width}, {args.blocks} blocks, "
-            f"{'channels_last' if args.channels_last else 'NCHW'}, "
-            f"{torch.get_num_threads()} threads, backend {backend!r}")
-    for name, t in med.items():
-        spread = statistics.pstdev(times[name]) * 1e3
-        console(f"  {name:>9}: median {t * 1e3:8.2f} ms  (stdev {spread:.2f} ms, "
-                f"{args.steps} steps)")
-    console(f"  speed-up of batchnorm over torch.nn: {ratio:.3f}x")
+    with progress_bar("warm-up steps", total=warmup * len(steps)) as advance:
+        for _ in range(warmup):
+            for step in steps.values():
+                step()
+                advance()
+    for rec in records.values():
+        for series in rec.values():
+            series.clear()
+    console(f"timing {len(steps)} models in interleaved rounds ({min_rounds} or more, "
+            f"{budget:.0f} s budget)...")
+    bn = M.interleave(steps, min_rounds=min_rounds, max_rounds=5 * min_rounds,
+                      budget_s=budget, pairs=pairs)
+    rows = _rows(bn, records, timers, pairs, batch, image, args)
+    _print(rows, batch, image, args)
     if args.csv:
-        with open(args.csv, "a", newline="") as f:
-            w = csv.writer(f)
-            if f.tell() == 0:
-                w.writerow(["provider", "pass", "shape", "layout", "threads", "backend",
-                            "median_s", "stdev_s", "ratio_to_torch", "device", "torch"])
-            for name, t in med.items():
-                w.writerow([name, "train_step", "x".join(map(str, shape)),
-                            "nhwc" if args.channels_last else "nchw", torch.get_num_threads(),
-                            backend if name == "batchnorm" else "native", f"{t:.6g}",
-                            f"{statistics.pstdev(times[name]):.3g}",
-                            f"{med['torch'] / t:.4f}", platform.processor() or "cpu",
-                            torch.__version__])
+        M.write_csv(args.csv, rows)
+        console(f"wrote {len(rows)} rows to {args.csv}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def _recorded(step, timer: M.ModuleTimer, rec: dict) -> M.Step:
+    """The step returning its BN-module seconds; the whole step and the parts go to ``rec``."""
+    def timed_step() -> float:
+        timer.reset()
+        t0 = time.perf_counter()
+        step()
+        rec["step"].append(time.perf_counter() - t0)
+        rec["fwd"].append(timer.forward)
+        rec["bwd"].append(timer.backward)
+        return timer.forward + timer.backward
+    return timed_step
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _rows(bn, records, timers, pairs, batch, image, args) -> list[dict]:
+    resolution = M.timer_resolution()
+    rows = []
+    for theirs_key, ours_key in pairs:
+        bn_ratio = M.summarize(M.ratios(bn[ours_key], bn[theirs_key]))  # time ours / torch
+        step_ratio = M.summarize(M.ratios(records[ours_key]["step"],
+                                          records[theirs_key]["step"]))
+        times = {key: M.summarize(bn[key]) for key in (ours_key, theirs_key)}
+        # the ratios are only as good as both BN times: both rows carry the pair's verdict
+        verdict = M.combine([
+            *(M.judge(s, interval=s.min / (2 * timers[key].modules), resolution=resolution)
+              for key, s in times.items()),  # shortest interval: one module's pass, on average
+            M.judge_ratios(bn_ratio, what="BN ratio"),
+            M.judge_ratios(step_ratio, what="step ratio")])
+        for key, s_bn in times.items():
+            name, lay = key
+            rec = records[key]
+            s_step = M.summarize(rec["step"])
+            rows.append(dict(
+                mode="train", provider=name, pass_="train_step", network="resnet50",
+                shape=f"{batch}x3x{image}x{image}", dtype="float32", layout=lay,
+                threads=args.threads, bn_modules=timers[key].modules, reps=s_bn.n,
+                step_ms=s_step.median * 1e3, step_spread=s_step.spread,
+                bn_fwd_ms=M.summarize(rec["fwd"]).median * 1e3,
+                bn_bwd_ms=M.summarize(rec["bwd"]).median * 1e3,
+                bn_ms=s_bn.median * 1e3, bn_min_ms=s_bn.min * 1e3, bn_max_ms=s_bn.max * 1e3,
+                bn_spread=s_bn.spread, bn_share=s_bn.median / s_step.median,
+                bn_time_ratio=bn_ratio.median, bn_ratio_spread=bn_ratio.spread,
+                step_time_ratio=step_ratio.median, step_ratio_spread=step_ratio.spread)
+                | M.as_fields(verdict) | dict(device=M.device(), versions=M.versions()))
+    return rows
+
+
+def _print(rows, batch, image, args) -> None:
+    console(f"batchnorm bench --train: ResNet-50, batch {batch}, {image}x{image}, float32, SGD "
+            f"with momentum; {M.device()}; {M.versions()}; threads={args.threads} "
+            "(Numba and PyTorch)")
+    console("BN ms = time inside the 53 BN modules' forward + backward per step (hooks); "
+            "ratio = median over rounds of t_ours / t_torch (< 1: ours faster); "
+            "spread = interquartile range / median")
+    body = []
+    for r in rows:
+        ok = M.from_fields(r).valid
+        ours = r["provider"] == "batchnorm.torch"
+        body.append([r["provider"], r["layout"], f"{r['step_ms']:.1f}",
+                     f"{r['step_spread']:.0%}", f"{r['bn_fwd_ms']:.2f}", f"{r['bn_bwd_ms']:.2f}",
+                     f"{r['bn_ms']:.2f}", f"{r['bn_spread']:.0%}", f"{r['bn_share']:.0%}",
+                     f"{r['bn_time_ratio']:.2f}" if ours and ok else "-",
+                     f"{r['step_time_ratio']:.2f}" if ours and ok else "-",
+                     str(r["reps"]), M.from_fields(r).brief()])
+    table("training step", ["provider", "layout", "step ms", "step spread", "BN fwd ms",
+                            "BN bwd ms", "BN ms", "BN spread", "BN share", "BN ours/torch",
+                            "step ours/torch", "rounds", "status"], body)

@@ -4,11 +4,15 @@
 2. with ``torch.nn`` batch norm (the same initial weights),
 3. without batch norm.
 
-All three train independently from the same initial weights and batch order. At every step a
-probe copy with our layers is loaded with the torch.nn model's current weights and buffers and
-run on the same batch (independent trajectories drift apart chaotically, so they are compared
-on identical weights): its loss, parameter gradients and updated running statistics must match
-torch.nn's within float32 tolerance. Where they do not, a float64 copy of the model decides:
+All three train independently from the same initial weights and batch order. The time per
+epoch is fair: the models step in turn on each batch, in an order that rotates from step to
+step, with the same thread count for PyTorch and Numba; beside the whole step, hooks time the
+batch-norm layers alone (``_measure.ModuleTimer``), the figure that compares our layers with
+torch.nn's. After the timed steps a probe copy with our layers is loaded with the torch.nn
+model's weights and buffers from before the step and run on the same batch (independent
+trajectories drift apart chaotically, so they are compared on identical weights): its loss,
+parameter gradients and updated running statistics must match torch.nn's within float32
+tolerance. Where they do not, a float64 copy of the model decides:
 a ReLU or max-pool input within rounding of its kink can go either way in float32, and the
 step passes if our layers are at least as close to float64 as torch.nn's. The demo prints the
 largest differences and exits with status 1 on a mismatch. The digits ship inside
@@ -23,6 +27,8 @@ import time
 
 import numpy as np
 
+from . import _measure
+
 # Largest difference allowed between our layers and torch.nn's on identical weights, relative
 # to each tensor's largest magnitude: float32 with a different summation order.
 AGREEMENT_RTOL = 1e-4
@@ -34,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own choice)")
+                        help="threads for both PyTorch and Numba (default: PyTorch's choice)")
     parser.add_argument("--quick", action="store_true",
                         help="a quarter of the training set (for smoke tests)")
     parser.add_argument("--plot", default="demo.png", metavar="PATH",
@@ -102,6 +108,7 @@ def _evaluate(model, x, y):
 
 def run(args) -> int:
     """Train the three models in lock step; print the table; save the plot."""
+    import numba
     import torch
 
     from ..torch import convert_model
@@ -112,6 +119,9 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
     xtr, ytr, xte, yte = (torch.from_numpy(a) for a in load_digits_split(args.seed, args.quick))
 
     torch.manual_seed(args.seed)
@@ -127,12 +137,20 @@ def run(args) -> int:
     exact = copy.deepcopy(reference_net).double()     # the float64 referee
     opts = {k: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for k, m in models.items()}
     losses = {k: [] for k in models}
-    seconds = dict.fromkeys(models, 0.0)
+    seconds = {k: [] for k in models}       # per step: the whole step
+    bn_seconds = {k: [] for k in models}    # per step: inside the batch-norm layers
+    timers = {k: _measure.ModuleTimer(_measure.bn_modules(m)) for k, m in models.items()}
+    names = list(models)
     worst = 0.0       # largest relative difference, probe vs torch.nn, over all steps
     referee = []      # (ours vs float64, torch.nn vs float64) where the referee was asked
 
     n = len(xtr)
     steps = (n // args.batch) * args.epochs     # drop the last partial batch: BN needs > 1
+    # Untimed first calls on throwaway copies: Numba loads its compiled kernels, PyTorch
+    # its own, before the first timed step.
+    for name, model in models.items():
+        _loss_and_grads(probe if name == "batchnorm.torch" else copy.deepcopy(model),
+                        xtr[:args.batch], ytr[:args.batch])
     gen = torch.Generator().manual_seed(args.seed)
     with progress_bar("training 3 models", total=steps) as advance:
         for _epoch in range(args.epochs):
@@ -141,16 +159,20 @@ def run(args) -> int:
                 idx = perm[i * args.batch:(i + 1) * args.batch]
                 xb, yb = xtr[idx], ytr[idx]
                 state = copy.deepcopy(models["torch.nn BN"].state_dict())
-                probe.load_state_dict(state)
-                probe_loss = _loss_and_grads(probe, xb, yb)
-                for name, model in models.items():
+                step = len(losses[names[0]])
+                for name in names[step % 3:] + names[:step % 3]:  # rotate who goes first
+                    model, timer = models[name], timers[name]
+                    timer.reset()
                     t0 = time.perf_counter()
                     opts[name].zero_grad()
                     loss = torch.nn.functional.cross_entropy(model(xb), yb)
                     loss.backward()
                     opts[name].step()
-                    seconds[name] += time.perf_counter() - t0
+                    seconds[name].append(time.perf_counter() - t0)
+                    bn_seconds[name].append(timer.forward + timer.backward)
                     losses[name].append(loss.item())
+                probe.load_state_dict(state)
+                probe_loss = _loss_and_grads(probe, xb, yb)
                 diff = _difference(probe, probe_loss, models["torch.nn BN"],
                                    losses["torch.nn BN"][-1])
                 if diff > AGREEMENT_RTOL:
@@ -164,14 +186,27 @@ def run(args) -> int:
                 advance()
 
     rows = []
+    per_epoch = n // args.batch
     for name, model in models.items():
         test_loss, test_acc = _evaluate(model, xte, yte)
+        step, bn = (_measure.summarize(seconds[name]).median,
+                    _measure.summarize(bn_seconds[name]).median)
         rows.append([name, f"{100 * test_acc:.1f} %", f"{test_loss:.4f}",
-                     f"{np.mean(losses[name][-(n // args.batch):]):.4f}",
-                     f"{1000 * seconds[name] / args.epochs:.0f} ms"])
+                     f"{np.mean(losses[name][-per_epoch:]):.4f}",
+                     f"{1000 * per_epoch * step:.0f} ms",
+                     f"{1000 * per_epoch * bn:.1f} ms" if timers[name].modules else "-"])
     table(f"8x8 digits: {n} training and {len(xte)} test images, {args.epochs} epochs, "
-          f"batch {args.batch}",
-          ["model", "test accuracy", "test loss", "last-epoch train loss", "time / epoch"], rows)
+          f"batch {args.batch}, {threads} threads (PyTorch and Numba); time = median step "
+          f"x {per_epoch} steps",
+          ["model", "test accuracy", "test loss", "last-epoch train loss", "time / epoch",
+           "BN layers / epoch"], rows)
+    ratio = _measure.summarize(_measure.ratios(bn_seconds["batchnorm.torch"],
+                                               bn_seconds["torch.nn BN"]))
+    verdict = _measure.judge_ratios(ratio, target=0.1)
+    console(f"time in the batch-norm layers (forward + backward, from hooks): ours "
+            f"{ratio.median:.2f}x torch.nn's (< 1: ours faster; median over {ratio.n} steps "
+            f"of the per-step ratio, spread {ratio.spread:.0%}, {verdict}); the models took "
+            "turns on every batch")
     agree = worst <= AGREEMENT_RTOL
     console(f"batchnorm.torch vs torch.nn on identical weights at each of {steps} steps, largest "
             f"relative difference in loss, gradients and running statistics: {worst:.1e} -> "

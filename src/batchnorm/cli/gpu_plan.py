@@ -36,9 +36,6 @@ MODEL_NOTE = ("traffic model of the launch plans, not a timing: bytes each launc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``batchnorm bench --gpu-plan`` (it also reads --batch and --csv)."""
-    parser.add_argument("--gpu-plan", action="store_true",
-                        help="print the gpu backend's launch plans for ResNet-50 (a traffic "
-                             "model, no GPU needed) and check them against the targets")
     parser.add_argument("--gpu-sms", type=int, default=DEFAULT_SMS,
                         help=f"streaming multiprocessors to plan for (default {DEFAULT_SMS}, "
                              "H100/H200 SXM)")
