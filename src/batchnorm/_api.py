@@ -68,9 +68,7 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
         running_var=running_var, out=out, check_finite=check_finite,
     )
     if check_finite and bad is not None and bad.any():
-        raise FloatingPointError(
-            "non-finite batch statistics or output in channel(s) " + S.channel_names(layout, bad)
-        )
+        S.raise_bad_channels(layout, bad)
     return y, SavedStats(mean, invstd)
 
 
