@@ -69,3 +69,24 @@ def test_numba_thread_count_reader():
             assert read() == 1
         finally:
             numba.set_num_threads(n)
+
+
+def test_launch_numba_threads_sets_the_spin_count_for_the_launch_only(monkeypatch):
+    numba = pytest.importorskip("numba")
+    import os
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen = []
+    real = numba.get_num_threads
+
+    def spy():
+        seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        return real()
+
+    monkeypatch.setattr(numba, "get_num_threads", spy)
+    _compat.launch_numba_threads(123)
+    assert seen == ["123"] and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
+    _compat.launch_numba_threads(123)
+    assert seen[-1] is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -48,3 +48,36 @@ def numba_thread_count_reader() -> Callable[[], int] | None:
 
     numba.get_num_threads()  # launches the pool, which defines the reader
     return getattr(parallel, "_get_num_threads", None)
+
+
+def register_inductor_decomposition(op, fn: Callable) -> None:
+    """Make Inductor decompose the operator ``op`` with ``fn``: an entry in
+    ``torch._inductor.decomposition.decompositions``, and a reset of the merged table
+    Inductor caches from it (``fast_random_decomps``), which a compile before this call
+    would otherwise keep without the entry. ``fn`` may return ``NotImplemented`` to leave
+    a call to the operator itself."""
+    from torch._inductor import decomposition
+
+    decomposition.decompositions[op] = fn
+    decomposition.fast_random_decomps.cache_clear()
+
+
+def launch_numba_threads(spin_count: int) -> None:
+    """Launch Numba's thread pool. When its threading layer is OpenMP (GNU libgomp, loaded
+    as a runtime of its own next to PyTorch's), its idle threads spin ``spin_count``
+    iterations before they sleep, unless the environment already sets ``GOMP_SPINCOUNT`` or
+    ``OMP_WAIT_POLICY``: libgomp reads them once, when Numba loads it here, so the variable
+    is set for the launch only and then removed. Without effect when the pool is already up.
+    """
+    import os
+
+    import numba
+
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        numba.get_num_threads()
+        return
+    os.environ["GOMP_SPINCOUNT"] = str(int(spin_count))
+    try:
+        numba.get_num_threads()  # launches the pool, loading the threading layer
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]

@@ -258,11 +258,22 @@ def _family(size: int):
     return K.PARALLEL, _num_threads()
 
 
+# Idle Numba threads spin this many times before they sleep (libgomp's own choice when it
+# has more threads than cores). PyTorch's OpenMP runtime and Numba's are two teams on the
+# same cores, and a training step alternates them: a Numba thread that spins on after a
+# batch-norm call (libgomp's default is hundreds of times longer) holds the core that
+# PyTorch's next operation needs, and the next batch-norm call then waits for a core that
+# PyTorch's spinning threads hold. A short spin still covers the gap between the parallel
+# regions of one call.
+NUMBA_SPIN_COUNT = 1000
+
+
 def _num_threads() -> int:
     # numba.get_num_threads() also checks that the pool is launched, several times the cost
     # of Numba's unchecked reader once it is (see _compat). Both answer per calling thread.
     global _num_threads
-    raw = _compat.numba_thread_count_reader()  # launches the pool
+    _compat.launch_numba_threads(NUMBA_SPIN_COUNT)
+    raw = _compat.numba_thread_count_reader()
     n = numba.get_num_threads()
     if raw is not None and raw() == n:
         def fast() -> int:
