@@ -60,6 +60,14 @@ def _f64(p, n: int) -> np.ndarray:
     return _EMPTY if p is None else np.ascontiguousarray(p, dtype=np.float64).reshape(n)
 
 
+def _read(p, n: int) -> np.ndarray:
+    """A per-channel array for a kernel that converts each value to float64 as it reads it:
+    itself when Numba can read it as a 1-d array, else a float64 copy (as :func:`_f64`)."""
+    if p is not None and p.ndim == 1 and p.dtype in _KERNEL_DTYPES:
+        return p
+    return _f64(p, n)
+
+
 def _compute_view(arr: np.ndarray, layout: Layout) -> np.ndarray:
     """The 3-d view the kernels read; float16 goes through a float32 copy (same strides)."""
     if arr.dtype == np.float16:
@@ -182,13 +190,13 @@ class Plan:
         """:func:`forward_inference` into ``y``."""
         nc = self.nc
         p = np.empty((K.NP, nc), dtype=self.kdt)
-        K.inference_consts(_f64(mean, nc), _f64(var, nc), _f64(gamma, nc), _f64(beta, nc),
+        K.inference_consts(_read(mean, nc), _read(var, nc), _read(gamma, nc), _read(beta, nc),
                            eps, p)
         fam, nt = _family(self.size)
         if self.rows:
             fam.apply_rows(self.view(x), p, self.view(y), _ST0, False, nt)
         else:
-            fam.affine_cmajor(self.view(x), p, self.view(y))
+            fam.affine_cmajor(self.view(x), p, self.view(y), nt)
 
     def grad(self, dy, x, gamma, mean, invstd, training, dx):
         """:func:`backward` into ``dx``; returns ``(dgamma or None, dbeta)``."""
@@ -474,7 +482,7 @@ def _forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out):
     if yr is not None:
         fam.apply_rows(xr, p, yr, _ST0, False, nt)
     else:
-        fam.affine_cmajor(x3, p, dst.view)
+        fam.affine_cmajor(x3, p, dst.view, nt)
     return dst.finish()
 
 
