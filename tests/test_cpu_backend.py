@@ -289,11 +289,14 @@ def test_check_finite_catches_output_overflow():
 
 
 def test_explicit_cpu_refuses_what_it_cannot_run():
-    x = data((4, 3, 5), np.float32).astype(np.longdouble)
-    if x.dtype == np.float64:
-        pytest.skip("longdouble is float64 on this platform")
-    with pytest.raises(BackendUnavailable, match="cpu"):
-        bn.forward_training(x, None, None, backend="cpu")
+    # float32 in the other byte order is a valid input that Numba cannot read: the cpu
+    # backend asked by name says so, "auto" runs it on the reference
+    x = data((4, 3, 5), np.float32)
+    swapped = x.astype(x.dtype.newbyteorder())
+    with pytest.raises(BackendUnavailable, match="byte order"):
+        bn.forward_training(swapped, None, None, backend="cpu")
+    y, _ = bn.forward_training(swapped, None, None)
+    close(y, bn.forward_training(x, None, None, backend="reference")[0], np.float32, "y")
 
 
 def test_auto_picks_cpu_for_numpy():
@@ -545,3 +548,72 @@ def test_running_stats_strided_and_dtypes(dtype):
         got[b] = (rm, rv)
     close(got["cpu"][0], got["reference"][0], np.float32, "running_mean")
     close(got["cpu"][1], got["reference"][1], np.float32, "running_var")
+
+
+# --- plans: the decisions made once per (shape, strides, dtype, layout) -------------------
+
+def test_plan_per_strides_and_dtype():
+    x = data((3, 4, 5, 6), np.float32)
+    lay = resolve_layout(x.shape, "spatial", 1)
+    last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    wide = data((3, 4, 5, 12), np.float32)[..., ::2]  # same shape, strided
+    plans = [cpu.plan(a, lay) for a in (x, last, x.astype(np.float64), wide)]
+    assert cpu.plan(x.copy(), lay) is plans[0]
+    assert len({id(p) for p in plans}) == 4
+    assert plans[0].direct and not plans[0].rows and plans[1].direct and plans[1].rows
+    assert np.shares_memory(plans[1].view(last), last)
+    assert not plans[3].fresh  # a fresh output of a strided x has other strides
+    # arrays of each kind alternately, each through its own plan, against the reference
+    for a in (x, last, x.astype(np.float64), wide, x, last):
+        check_all(a, "spatial", 1, True)
+
+
+@pytest.mark.parametrize("mode, axis, shape", [("spatial", 1, (3, 4, 5, 6)),
+                                               ("spatial", -1, (3, 5, 6, 4)),
+                                               ("per_activation", 1, (6, 2, 3))])
+def test_out_in_another_order_than_x(mode, axis, shape):
+    # x contiguous, out transposed (or the reverse): the plan takes one and not the other,
+    # so the call takes the general path
+    x = data(shape, np.float32)
+    perm = tuple(reversed(range(len(shape))))
+    other = np.empty(tuple(shape[a] for a in perm), np.float32).transpose(perm)
+    check_all(x, mode, axis, True, out=other)
+    x_t = np.ascontiguousarray(x.transpose(perm)).transpose(perm)
+    check_all(x_t, mode, axis, True, out=np.empty(shape, np.float32))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("rdtype", ["<f2", ">f2", ">f4", ">f8", "<f4", "<f8"])
+def test_running_statistics_in_every_accepted_dtype(backend, rdtype):
+    # updated in their own dtype and byte order (Numba writes only native float32/64: the
+    # rest are updated by NumPy); per-channel parameters may have them too
+    x = data((6, 3, 5), np.float32)
+    rm, rv = np.full(3, 0.5, rdtype), np.full(3, 2.0, rdtype)
+    gamma, beta = np.full(3, 1.5, rdtype), np.full(3, -0.5, rdtype)
+    y, s = bn.forward_training(x, gamma, beta, running_mean=rm, running_var=rv, momentum=0.3,
+                               backend=backend)
+    assert rm.dtype == np.dtype(rdtype) and rv.dtype == np.dtype(rdtype)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2), ddof=1)
+    tol = np.float16 if rdtype.endswith("2") else np.float32
+    close(rm, 0.7 * 0.5 + 0.3 * mean, tol, "running_mean")
+    close(rv, 0.7 * 2.0 + 0.3 * var, tol, "running_var")
+    want = 1.5 * (x64 - mean[:, None]) / np.sqrt(x64.var(axis=(0, 2))[:, None] + 1e-5) - 0.5
+    close(y, want, np.float32 if rdtype.endswith(("4", "8")) else np.float16, "y")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("where", ["x", "gamma", "running_mean"])
+def test_longdouble_is_refused_before_any_kernel(backend, where):
+    x = data((6, 3, 5), np.float32)
+    kw = {"gamma": None, "running_mean": np.zeros(3, np.float32)}
+    if where == "x":
+        x = x.astype(np.longdouble)
+    else:
+        kw[where] = np.zeros(3, np.longdouble)
+    before = kw["running_mean"].copy()
+    with pytest.raises(TypeError, match=f"`{where}` must have a floating-point dtype "
+                                        r"\(float16, float32, float64\)"):
+        bn.forward_training(x, kw["gamma"], None, running_mean=kw["running_mean"],
+                            backend=backend)
+    assert np.array_equal(kw["running_mean"], before)

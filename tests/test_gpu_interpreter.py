@@ -389,3 +389,38 @@ def test_channel_offsets_past_2_31_elements(algorithm, tmp_path):
         pytest.skip(f"cannot reserve 4 GiB of address space here: {r.stdout.strip()}")
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), \
         f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+
+
+@pytest.fixture
+def torch_layer_on_gpu_backend(monkeypatch):
+    """batchnorm.torch routing its calls to the gpu backend, as it does CUDA tensors (under
+    the interpreter the tensors are CPU ones, which it would otherwise send to the CPU)."""
+    from batchnorm.torch import _ops
+
+    monkeypatch.setattr(_ops, "_PLANS", {})
+    monkeypatch.setattr(_ops, "_needs_host", lambda x: False)
+    monkeypatch.setattr(_ops, "select", lambda name, x: gpu)
+
+
+@pytest.mark.usefixtures("torch_layer_on_gpu_backend")
+def test_check_finite_through_batchnorm_torch():
+    from batchnorm.torch import _ops, batch_norm
+
+    x, layout = make_x("nchw_channels_last", torch.float32)
+    gamma, beta = params(layout)
+    assert _ops.plan(x, "spatial", "training", gamma, beta, None, None).backend is gpu
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = batch_norm(x, rm, rv, gamma, beta, True, 0.3, 1e-5, check_finite=True)
+    rm_r, rv_r = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y_r = ref.forward_training(npy(x), npy(gamma), npy(beta), layout, eps=1e-5, momentum=0.3,
+                               running_mean=rm_r, running_var=rv_r)[0]
+    close(y, y_r, tolerance(torch.float32), "y")
+    close(rm, rm_r, STAT_TOL, "running_mean")
+    bad = x.clone()
+    bad[1, 2, 0, 0] = float("nan")
+    before = rm.clone(), rv.clone()
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
+        batch_norm(bad, rm, rv, gamma, beta, True, 0.3, 1e-5, check_finite=True)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
+        batch_norm(bad, rm, rv, gamma, beta, False, 0.3, 1e-5, check_finite=True)

@@ -210,3 +210,67 @@ def test_eager_fast_path_is_taken_and_bumps_versions():
         function._ops_ns = torch.ops.batchnorm
     assert not called
     assert rm._version > v0[0] and rv._version > v0[1]
+
+
+def _with_bad_channels(channels_last):
+    x, w, b, _, _ = make((4, 5, 3, 3), "spatial", True, channels_last, dtype=torch.float32)
+    x[1, 2, 0, 1] = float("inf")
+    x[0, 4, 2, 2] = float("nan")
+    return x, w, b
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["eager", "custom_op"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_check_finite_through_batch_norm(monkeypatch, fast, channels_last):
+    from batchnorm.torch import function
+
+    monkeypatch.setattr(function, "EAGER_FAST_PATH", fast)
+    x, w, b = _with_bad_channels(channels_last)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2, 4$"):
+        batch_norm(x.requires_grad_(), rm, rv, w, b, True, check_finite=True)
+    # a call that raises leaves the running statistics as they were
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2, 4$"):
+        batch_norm(x, rm, rv, w, b, False, check_finite=True)  # eval: the outputs
+    with torch.no_grad(), pytest.raises(FloatingPointError, match=r"channel\(s\) 2, 4$"):
+        batch_norm(x, None, None, w, b, True, check_finite=True)
+    # unchecked, the same call returns NaN in those channels only
+    y = batch_norm(x, rm, rv, w, b, True)
+    assert torch.isfinite(y[:, [0, 1, 3]]).all() and not torch.isfinite(y[:, [2, 4]]).any()
+    # finite input: the check changes nothing
+    xf = torch.randn_like(x)  # in x's memory format
+    rm1, rv1, rm2, rv2 = (torch.zeros(5), torch.ones(5), torch.zeros(5), torch.ones(5))
+    assert torch.equal(batch_norm(xf, rm1, rv1, w, b, True, check_finite=True),
+                       batch_norm(xf, rm2, rv2, w, b, True))
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    assert torch.equal(batch_norm(xf, rm1, rv1, w, b, False, check_finite=True),
+                       batch_norm(xf, rm1, rv1, w, b, False))
+
+
+def test_check_finite_on_modules():
+    import copy
+    import pickle
+
+    from torch import nn
+
+    import batchnorm.torch as bnt
+
+    x, _, _ = _with_bad_channels(False)
+    ours = bnt.BatchNorm2d(5, check_finite=True)
+    assert ours.check_finite and ours.extra_repr().endswith(", check_finite=True")
+    assert ours.state_dict().keys() == nn.BatchNorm2d(5).state_dict().keys()
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2, 4$"):
+        ours(x)
+    assert torch.equal(ours.running_mean, torch.zeros(5))
+    ours.eval()
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2, 4$"):
+        ours(x)
+    assert pickle.loads(pickle.dumps(ours)).check_finite
+    assert copy.deepcopy(ours).check_finite
+    converted = bnt.convert_model(nn.Sequential(nn.BatchNorm2d(5)))[0]
+    assert not converted.check_finite  # the default: unchecked, as torch.nn
+    assert not torch.isfinite(converted(x)).all()
+    converted.check_finite = True  # an attribute to switch at any time
+    with pytest.raises(FloatingPointError):
+        converted(x)

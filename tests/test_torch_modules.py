@@ -1,10 +1,14 @@
 """BatchNorm1d/2d/3d: drop-in equality with torch.nn's modules."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import batchnorm.torch as bnt
+from conftest import assert_close as close_to
+from conftest import tolerance
 
 PAIRS = [
     (bnt.BatchNorm1d, nn.BatchNorm1d, (6, 4)),
@@ -137,3 +141,48 @@ def test_sync_batchnorm_is_lazy():
     assert "SyncBatchNorm" in bnt.__all__
     with pytest.raises(AttributeError):
         bnt.NotAThing  # noqa: B018
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_low_precision_module_trains_on_cpu(dtype, channels_last):
+    """``BatchNorm2d(...).half()`` / ``.bfloat16()`` trains on CPU tensors: outputs, input and
+    parameter gradients and the running statistics (kept in the module's dtype) agree with a
+    float64 copy of the same module within the dtype's tolerance, and with torch.nn's."""
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 2)
+        theirs.bias.uniform_(-1, 1)
+        theirs.running_mean.uniform_(-1, 1)
+        theirs.running_var.uniform_(0.5, 2)
+    ours = bnt.BatchNorm2d(4)
+    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    exact = copy.deepcopy(theirs).double()  # the same rounded parameters, in float64
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = (torch.randn(5, 4, 3, 6, generator=g) * 2 + 1).to(dtype).to(memory_format=fmt)
+        dy = torch.randn(x.shape, generator=g).to(dtype)
+        xo, xt, xe = (x.clone().requires_grad_(), x.clone().requires_grad_(),
+                      x.double().requires_grad_())
+        yo, yt, ye = ours(xo), theirs(xt), exact(xe)
+        assert yo.dtype == dtype and yo.is_contiguous(memory_format=fmt)
+        yo.backward(dy)
+        yt.backward(dy)
+        ye.backward(dy.double())
+        pairs = [("y", yo, ye, yt), ("dx", xo.grad, xe.grad, xt.grad),
+                 ("dweight", ours.weight.grad, exact.weight.grad, theirs.weight.grad),
+                 ("dbias", ours.bias.grad, exact.bias.grad, theirs.bias.grad),
+                 ("running_mean", ours.running_mean, exact.running_mean, theirs.running_mean),
+                 ("running_var", ours.running_var, exact.running_var, theirs.running_var)]
+        atol, rtol = tolerance(dtype)
+        for name, got, want, torch_nn in pairs:
+            assert got.dtype == dtype, name
+            close_to(got, want, dtype, name=f"{name} vs float64 at step {step}")
+            # torch.nn rounds differently: within the sum of both roundings
+            close_to(got, torch_nn, atol=2 * atol, rtol=2 * rtol,
+                     name=f"{name} vs torch.nn at step {step}")
+        for m in (ours, theirs, exact):
+            m.zero_grad()

@@ -99,9 +99,7 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
         running_var=staged[1], check_finite=True, **fused,
     )
     if bad is not None and bad.any():
-        raise FloatingPointError(
-            "non-finite batch statistics or output in channel(s) " + S.channel_names(layout, bad)
-        )
+        S.raise_bad_channels(layout, bad)
     for target, value in zip((running_mean, running_var), staged, strict=True):
         if target is not None:
             np.copyto(target, value)

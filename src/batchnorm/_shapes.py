@@ -189,6 +189,28 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
         kept = tuple(a for a in range(ndim) if a not in reduce_axes)
         return Layout(shape, "axis", reduce_axes, kept)
 
+    if ndim < 2 and (mode is None or mode in MODES):  # here, where the message has the shape
+        _fail(ValueError, f"expected an input of rank 2 or more (N, C, ...), got shape {shape}")
+    return Layout(shape, *mode_axes(ndim, mode, channel_axis))
+
+
+def mode_axes(ndim: int, mode: str | None = None, channel_axis: Any = None
+              ) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """``(mode, reduce_axes, kept_axes)`` of a ``mode`` / ``channel_axis`` call on an input of
+    rank ``ndim``: what a :class:`Layout` holds besides the sizes, which it does not need.
+
+    The torch layer uses it on shapes whose sizes may be symbolic (under ``torch.compile``),
+    where :func:`resolve_layout` would turn them into numbers.
+    """
+    try:
+        return _mode_axes_cached(ndim, mode, channel_axis)
+    except TypeError as exc:  # unhashable argument: resolve without the cache
+        if "unhashable" not in str(exc):
+            raise
+        return _mode_axes(ndim, mode, channel_axis)
+
+
+def _mode_axes(ndim, mode, channel_axis):
     mode = DEFAULT_MODE if mode is None else mode
     channel_axis = DEFAULT_CHANNEL_AXIS if channel_axis is None else channel_axis
     if mode not in MODES:
@@ -196,7 +218,7 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
     if ndim < 2:
         _fail(
             ValueError,
-            f"expected an input of rank 2 or more (N, C, ...), got shape {shape}",
+            f"expected an input of rank 2 or more (N, C, ...), got rank {ndim}",
         )
     valid = [*range(1, ndim), *range(-ndim + 1, 0)]
     if not _is_index(channel_axis) or channel_axis not in valid:
@@ -211,7 +233,10 @@ def _resolve(shape, mode, channel_axis, axis) -> Layout:
         c = int(channel_axis) % ndim
         reduce_axes = tuple(a for a in range(ndim) if a != c)
     kept = tuple(a for a in range(ndim) if a not in reduce_axes)
-    return Layout(shape, mode, reduce_axes, kept)
+    return mode, reduce_axes, kept
+
+
+_mode_axes_cached = functools.lru_cache(maxsize=256, typed=True)(_mode_axes)
 
 
 def _is_index(a: Any) -> bool:
@@ -224,9 +249,10 @@ _resolve_cached = functools.lru_cache(maxsize=1024, typed=True)(_resolve)
 
 
 def check_float_dtype(name: str, dtype: Any) -> None:
-    """Refuse integer, bool and complex arrays with a TypeError (contract §5)."""
+    """Refuse every dtype but float16, float32 and float64 (in either byte order) with a
+    TypeError (contract §5): integers, bools, complex numbers and longdouble."""
     dt = np.dtype(dtype)
-    if dt.kind != "f":
+    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
         _fail(
             TypeError,
             f"`{name}` must have a floating-point dtype (float16, float32, float64), got {dt}",
@@ -309,13 +335,17 @@ def check_scalars(eps: Any, momentum: Any = 0.0) -> tuple[float, float]:
     return e, m
 
 
-def check_training_count(layout: Layout) -> None:
-    """At least two values per channel are needed for a variance (empty input is allowed)."""
+def check_training_count(layout: Layout, size: Any = None) -> None:
+    """At least two values per channel are needed for a variance (empty input is allowed).
+
+    ``size`` is the input's shape as the caller's framework prints it (``torch.Size`` in
+    :mod:`batchnorm.torch`, so the message is torch.nn's own); the layout's shape otherwise.
+    """
     if layout.count == 1 and math.prod(layout.shape) > 0:
         _fail(
             ValueError,
             "Expected more than 1 value per channel when training, "
-            f"got input size {layout.shape}",
+            f"got input size {layout.shape if size is None else size}",
         )
 
 
@@ -449,6 +479,14 @@ def channel_names(layout: Layout, bad: np.ndarray) -> str:
     ]
     more = f" and {idx.size - 20} more" if idx.size > 20 else ""
     return ", ".join(names) + more
+
+
+def raise_bad_channels(layout: Layout, bad: Any) -> None:
+    """``check_finite``'s error (contract §5): a FloatingPointError naming the channels that
+    ``bad`` (a [param_shape] mask) flags."""
+    raise FloatingPointError(
+        "non-finite batch statistics or output in channel(s) " + channel_names(layout, bad)
+    )
 
 
 def as_3d(arr: np.ndarray, layout: Layout) -> np.ndarray:

@@ -18,6 +18,7 @@ Autograd formulas are registered in :mod:`batchnorm.torch.function`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,15 +28,30 @@ from . import _args
 
 _NS = "batchnorm"
 
-
-def param_shape(x: Tensor, mode: str) -> tuple[int, ...]:
-    """Shape of the per-channel tensors: ``(C,)`` in the spatial modes, ``x.shape[1:]`` else."""
-    return tuple(x.shape[1:]) if mode == "per_activation" else (x.shape[1],)
+# CPU tensors of these dtypes are read and written by the NumPy backends through views; the
+# kernels compute in the input's dtype for the last two (float16 input goes through a copy).
+_VIEWABLE = (torch.float16, torch.float32, torch.float64)
+_DIRECT = (torch.float32, torch.float64)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 statistics for float64 input, float32 for every narrower float (contract §4)."""
+    """float64 statistics for float64 input, float32 for every narrower float (contract §4).
+
+    The torch-dtype form of :func:`batchnorm._shapes.stats_dtype` (NumPy has no bfloat16).
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layout_of(x: Tensor, mode: str) -> S.Layout:
+    """x's :class:`~batchnorm._shapes.Layout` in ``mode`` (channel axis 1), sizes as they are:
+    symbolic sizes under ``torch.compile`` stay symbolic (no specialization), so fake kernels
+    and the double-backward formula can use it."""
+    return S.Layout(tuple(x.shape), *S.mode_axes(x.dim(), mode))
+
+
+def param_shape(x: Tensor, mode: str) -> tuple[int, ...]:
+    """Shape of the per-channel tensors: ``(C,)`` in the spatial modes, ``x.shape[1:]`` else."""
+    return layout_of(x, mode).param_shape
 
 
 def check_layout(x: Tensor, mode: str, **params: Tensor | None) -> S.Layout:
@@ -60,6 +76,111 @@ def _needs_host(x: Tensor) -> bool:
     except BackendUnavailable:
         return True
     return False
+
+
+class Plan:
+    """What every call on tensors with the same metadata needs, decided once.
+
+    A training loop calls each layer with the same shapes, strides, dtypes and devices on
+    every step, so validating them, resolving the layout and choosing a backend and a kernel
+    view are done on a layer's first call only (see :func:`plan`); a later call pays a
+    dictionary look-up. Checks of values (``eps``, ``momentum``) still run on every call.
+
+    Attributes:
+        layout: x's validated :class:`~batchnorm._shapes.Layout`.
+        sdt: the statistics dtype.
+        host: the call runs on the NumPy backends (CPU tensors, and device tensors the GPU
+            backend refuses, through host copies).
+        direct: the CPU backend's kernels run on NumPy views of x, its output and every
+            per-channel tensor, converting nothing and deciding nothing (float32 and float64
+            input that its plan takes, per-channel tensors of a dtype NumPy has).
+        backend: the backend module of a direct or device call (None: chosen per call).
+        cpu: the CPU backend's :class:`~batchnorm.backends.cpu.Plan` of x's view when direct.
+    """
+
+    __slots__ = ("layout", "sdt", "host", "direct", "backend", "cpu")
+
+    def __init__(self, x: Tensor, layout: S.Layout, params: tuple[Tensor | None, ...]):
+        self.layout = layout
+        self.sdt = stats_dtype(x.dtype)
+        self.host = _needs_host(x)
+        self.backend = self.cpu = None
+        if not self.host:
+            self.backend = select("auto", x)
+        elif (x.is_cpu and x.dtype in _DIRECT
+              and all(t is None or t.dtype in _VIEWABLE for t in params)
+              and torch.empty_like(x).stride() == x.stride()):  # outputs in x's order
+            probe = x.detach().numpy()
+            backend = select("auto", probe)
+            if backend.NAME == "cpu":
+                cpu = backend.plan(probe, layout)
+                if cpu.direct:
+                    self.backend, self.cpu = backend, cpu
+        self.direct = self.cpu is not None
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 512
+
+
+def plan(x: Tensor, mode: str, role: str, p1: Tensor | None = None, p2: Tensor | None = None,
+         s1: Tensor | None = None, s2: Tensor | None = None) -> Plan:
+    """The cached :class:`Plan` of a call, validating its tensors on a first call.
+
+    Args:
+        x: the input.
+        mode: as in :func:`forward_training`.
+        role: ``"training"`` (``p1, p2, s1, s2`` = weight, bias, running_mean, running_var;
+            checks that there is more than one value per channel), ``"inference"`` (weight,
+            bias, mean, var), ``"backward"`` (weight, -, mean, invstd of a training call) or
+            ``"backward_inference"``.
+    The key is everything validation and the kernel choice read: x's shape, strides, dtype
+    and device, and the per-channel tensors' dtype, shape and device. A tensor that differs
+    in any of them gets its own plan.
+    """
+    key = (mode, role, x.shape, x.stride(), x.dtype, x.device,
+           None if p1 is None else (p1.dtype, p1.shape, p1.device),
+           None if p2 is None else (p2.dtype, p2.shape, p2.device),
+           None if s1 is None else (s1.dtype, s1.shape, s1.device),
+           None if s2 is None else (s2.dtype, s2.shape, s2.device))
+    pl = _PLANS.get(key)
+    if pl is None:
+        pl = _build_plan(x, mode, role, p1, p2, s1, s2)
+        if len(_PLANS) >= _MAX_PLANS:  # ever-new shapes: start over rather than grow
+            _PLANS.clear()
+        _PLANS[key] = pl
+    return pl
+
+
+_NAMES = {
+    "training": ("weight", "bias", "running_mean", "running_var"),
+    "inference": ("weight", "bias", "running_mean", "running_var"),
+    "backward": ("weight", "bias", "mean", "invstd"),
+    "backward_inference": ("weight", "bias", "mean", "invstd"),
+}
+
+
+def _build_plan(x, mode, role, *params) -> Plan:
+    names = _NAMES[role]
+    layout = check_layout(x, mode, **dict(zip(names, params, strict=True)))
+    if role in ("training", "backward"):
+        S.check_training_count(layout, x.shape)
+    return Plan(x, layout, params)
+
+
+def _np(t):
+    """A CPU tensor read by the kernels as a NumPy view (no copy: ``force`` only drops the
+    autograd history, at less cost than ``detach()``); None and arrays pass through."""
+    if t is None or type(t) is np.ndarray:
+        return t
+    return t.numpy(force=True)
+
+
+def _written(t: Tensor | None):
+    """A CPU tensor the kernels write (running statistics), as a NumPy view of it."""
+    if t is None:
+        return None
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 # "auto" on a NumPy array depends on its dtype alone (the GPU backend refuses every array),
@@ -88,8 +209,8 @@ class _Host:
 
     __slots__ = ("numpy", "copies")
 
-    def __init__(self, x: Tensor):
-        self.numpy = _needs_host(x)
+    def __init__(self, pl: Plan):
+        self.numpy = pl.host
         self.copies: list[tuple[Tensor, Tensor]] = []
 
     def __call__(self, t: Tensor | None, *, writeback: bool = False):
@@ -137,81 +258,144 @@ def _updated(running: Tensor | None, x: Tensor) -> Tensor:
     return running.detach().clone()
 
 
-def training_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                  eps: float, mode: str, batches: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor, S.Layout]:
-    """(y, mu, invstd, layout) of :func:`forward_training`, updating the running statistics
-    in place.
+def _raise_if_bad(bad, layout: S.Layout, restore) -> None:
+    """check_finite: raise naming the non-finite channels, after putting the running
+    statistics back as they were (a call that raises leaves them unchanged, contract §3)."""
+    if bad is not None and bool(bad.any()):
+        for target, before in restore:
+            target.copy_(before)
+        S.raise_bad_channels(layout, bad)
 
-    The eager path calls this directly; the custom op calls it on copies of the running
-    statistics, since an operator with an autograd formula may not mutate its inputs.
+
+def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+          running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+          eps: float, batches: Tensor | None = None, check_finite: bool = False):
+    """(y, mean, invstd) with the batch's statistics, updating the running statistics in place.
+
+    ``mean`` and ``invstd`` are NumPy arrays on the direct path (the eager route keeps them
+    for its backward as they are) and tensors otherwise; :func:`training_impl` returns
+    tensors.
     """
-    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=running_mean,
-                          running_var=running_var)
     if batches is not None:
         momentum = 1.0 / max(float(batches), 1.0)
-    # momentum and eps were checked by batch_norm (torch's rules: any real momentum)
-    S.check_training_count(layout)
-    host = _Host(x)
-    xa = host(x)
-    y = _output_like(x)
-    _, mean, invstd, _ = _backend(xa).forward_training(
-        xa, host(weight), host(bias), layout, eps=eps, momentum=momentum,
-        running_mean=host(running_mean, writeback=True),
-        running_var=host(running_var, writeback=True),
-        out=host(y, writeback=True), check_finite=False,
-    )
-    host.finish()
+    # eps and momentum were checked by batch_norm (torch's rules: any real momentum)
+    restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
+               if t is not None] if check_finite else ()
+    if pl.direct:
+        y = torch.empty_like(x)
+        mean, invstd, bad = pl.cpu.train(_np(x), _np(weight), _np(bias), eps, momentum,
+                                         _written(running_mean), _written(running_var),
+                                         y.numpy(),
+                                         bool(check_finite))
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y = _output_like(x)
+        _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
+            xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
+            running_mean=host(running_mean, writeback=True),
+            running_var=host(running_var, writeback=True),
+            out=host(y, writeback=True), check_finite=check_finite,
+        )
+        host.finish()
+        y = _as(y, x.dtype)
+        mean, invstd = _tensor(mean, x), _tensor(invstd, x)
     # The backend wrote the running statistics through NumPy, behind autograd's back: count
     # the write, as an in-place torch operation would, so stale saved copies are detected.
     for running in (running_mean, running_var):
         if running is not None:
             torch.autograd.graph.increment_version(running)
-    return _as(y, x.dtype), _tensor(mean, x), _tensor(invstd, x), layout
+    if check_finite:
+        _raise_if_bad(bad, pl.layout, restore)
+    return y, mean, invstd
+
+
+def training_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                  eps: float, mode: str, batches: Tensor | None = None,
+                  check_finite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mu, invstd) of :func:`forward_training`, updating the running statistics in place.
+
+    The custom op calls this on copies of the running statistics, since an operator with an
+    autograd formula may not mutate its inputs.
+    """
+    pl = plan(x, mode, "training", weight, bias, running_mean, running_var)
+    y, mean, invstd = train(pl, x, weight, bias, running_mean, running_var, momentum, eps,
+                            batches, check_finite)
+    return y, _tensor(mean, x), _tensor(invstd, x)
+
+
+def infer(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+          var: Tensor, eps: float, check_finite: bool = False) -> Tensor:
+    """y with the given statistics (eps checked by batch_norm, torch's rules)."""
+    if pl.direct:
+        y = torch.empty_like(x)
+        pl.cpu.infer(_np(x), _np(weight), _np(bias), _np(mean), _np(var), eps, y.numpy())
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y = _output_like(x)
+        (pl.backend or _backend(xa)).forward_inference(
+            xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps,
+            out=host(y, writeback=True),
+        )
+        host.finish()
+        y = _as(y, x.dtype)
+    if check_finite:
+        _raise_if_bad(_nonfinite_channels(y, pl.layout), pl.layout, ())
+    return y
+
+
+def _nonfinite_channels(y: Tensor, layout: S.Layout) -> Tensor:
+    """[param_shape] mask of the channels of y holding an Inf or NaN (inference has no
+    kernel flag for it: one extra read of y, only when asked)."""
+    return (~torch.isfinite(y)).any(dim=layout.reduce_axes)
 
 
 def inference_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                   var: Tensor, eps: float, mode: str) -> tuple[Tensor, S.Layout]:
-    """(y, layout) of :func:`forward_inference` (shared by the custom op and the eager path)."""
-    layout = check_layout(x, mode, weight=weight, bias=bias, running_mean=mean, running_var=var)
-    host = _Host(x)
-    xa = host(x)
-    y = _output_like(x)
-    _backend(xa).forward_inference(
-        xa, host(weight), host(bias), host(mean), host(var), layout, eps=eps,
-        out=host(y, writeback=True),
-    )
-    host.finish()
-    return _as(y, x.dtype), layout
+                   var: Tensor, eps: float, mode: str, check_finite: bool = False) -> Tensor:
+    """y of :func:`forward_inference` (the custom op's implementation)."""
+    pl = plan(x, mode, "inference", weight, bias, mean, var)
+    return infer(pl, x, weight, bias, mean, var, eps, check_finite)
+
+
+def grad(pl: Plan, dy: Tensor, x: Tensor, weight: Tensor | None, mean, invstd,
+         training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) with ``pl`` the plan that validated x and weight; ``mean`` and
+    ``invstd`` as the forward returned them (NumPy arrays on the direct path)."""
+    if dy.shape != x.shape:
+        S.check_same_shape("dy", dy, pl.layout)
+    dya = _np(dy) if pl.direct else None
+    if pl.direct and pl.cpu.takes(dya):  # the training loop's case: dy in x's order
+        dx = torch.empty_like(x)
+        dweight, dbias = pl.cpu.grad(dya, _np(x), _np(weight), _np(mean), _np(invstd),
+                                     bool(training), dx.numpy())
+    elif pl.direct:  # the CPU backend decides how to read dy
+        dx = torch.empty_like(x)
+        _, dweight, dbias = pl.backend.backward(
+            dya, _np(x), _np(weight), _np(mean), _np(invstd), pl.layout, training=training,
+            out=dx.numpy(), plan_=pl.cpu)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        dx = _output_like(x)
+        _, dweight, dbias = (pl.backend or _backend(xa)).backward(
+            host(dy), xa, host(weight), host(mean), host(invstd), pl.layout,
+            training=training, out=host(dx, writeback=True),
+        )
+        host.finish()
+        dx = _as(dx, x.dtype)
+    if dweight is None:
+        dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=x.device)
+    return dx, _tensor(dweight, x, pl.sdt), _tensor(dbias, x, pl.sdt)
 
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
-                  training: bool, mode: str, layout: S.Layout | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of :func:`backward` (shared by the custom op and the eager path).
-
-    ``layout``, when given, is the one the forward validated ``x`` and ``weight`` with (the
-    statistics are the forward's own), so only ``dy`` is checked again.
-    """
-    if layout is None:
-        layout = check_layout(x, mode, weight=weight, mean=mean, invstd=invstd)
-        if training:
-            S.check_training_count(layout)
-    if dy.shape != layout.shape:
-        S.check_same_shape("dy", dy, layout)
-    host = _Host(x)
-    xa = host(x)
-    dx = _output_like(x)
-    _, dweight, dbias = _backend(xa).backward(
-        host(dy), xa, host(weight), host(mean), host(invstd), layout, training=training,
-        out=host(dx, writeback=True),
-    )
-    host.finish()
-    sdt = stats_dtype(x.dtype)
-    if dweight is None:
-        dweight = torch.zeros(layout.param_shape, dtype=sdt, device=x.device)
-    return _as(dx, x.dtype), _tensor(dweight, x, sdt), _tensor(dbias, x, sdt)
+                  training: bool, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of :func:`backward` (the custom op's implementation)."""
+    role = "backward" if training else "backward_inference"
+    pl = plan(x, mode, role, weight, None, mean, invstd)
+    return grad(pl, dy, x, weight, mean, invstd, training)
 
 
 # Functional (mutates nothing) because torch.library refuses autograd formulas for mutating
@@ -220,7 +404,8 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, in
 @torch.library.custom_op(f"{_NS}::forward_training", mutates_args=())
 def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                      running_mean: Tensor | None, running_var: Tensor | None,
-                     momentum: float, eps: float, mode: str, batches: Tensor | None = None
+                     momentum: float, eps: float, mode: str, batches: Tensor | None = None,
+                     check_finite: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mu, invstd, new_running_mean, new_running_var) with the batch's statistics.
 
@@ -236,17 +421,21 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         batches: optional one-element count of batches seen, this one included; when given,
             ``momentum`` is replaced by ``1 / batches`` (a cumulative average). Read here,
             inside the operator, so that a compiled graph need not know its value.
+        check_finite: raise FloatingPointError naming the channels whose statistics or
+            outputs are not finite.
     """
     new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
-    y, mean, invstd, _ = training_impl(
+    y, mean, invstd = training_impl(
         x, weight, bias, new_mean if running_mean is not None else None,
         new_var if running_var is not None else None, momentum, eps, mode, batches,
+        check_finite,
     )
     return y, mean, invstd, new_mean, new_var
 
 
 @forward_training.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=None):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=None,
+      check_finite=False):
     shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
 
     def like(r):
@@ -258,7 +447,7 @@ def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=N
 
 @torch.library.custom_op(f"{_NS}::forward_inference", mutates_args=())
 def forward_inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                      var: Tensor, eps: float, mode: str) -> Tensor:
+                      var: Tensor, eps: float, mode: str, check_finite: bool = False) -> Tensor:
     """y = weight * (x - mean) / sqrt(var + eps) + bias with the given statistics.
 
     Args:
@@ -266,12 +455,14 @@ def forward_inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, mea
         weight, bias: [param_shape] or None.
         mean, var: [param_shape] statistics (usually the running ones).
         eps, mode: as in :func:`forward_training`.
+        check_finite: raise FloatingPointError naming the channels of y that hold an Inf
+            or NaN.
     """
-    return inference_impl(x, weight, bias, mean, var, eps, mode)[0]
+    return inference_impl(x, weight, bias, mean, var, eps, mode, check_finite)
 
 
 @forward_inference.register_fake
-def _(x, weight, bias, mean, var, eps, mode):
+def _(x, weight, bias, mean, var, eps, mode, check_finite=False):
     return torch.empty_like(x)
 
 

@@ -22,7 +22,9 @@ the implementations directly. The dispatcher, the custom ops' argument handling 
 functional copies of the running statistics cost more than the kernels on small inputs, and
 eager mode needs none of them: running statistics are updated in place, and the backward calls
 the backward implementation directly unless a graph of it is being built (double backward),
-when it goes through the differentiable ``batchnorm::backward`` op.
+when it goes through the differentiable ``batchnorm::backward`` op. Both routes look up the
+call's plan (:func:`batchnorm.torch._ops.plan`): validation and every choice that depends only
+on the tensors' metadata are made on a layer's first call.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _compat
 from . import _args, _ops  # importing _ops registers torch.ops.batchnorm.*
-from ._ops import param_shape
 
 _ops_ns = torch.ops.batchnorm
 
@@ -39,26 +41,12 @@ _ops_ns = torch.ops.batchnorm
 EAGER_FAST_PATH = True
 
 
-def _reduce_dims(x: Tensor, mode: str) -> tuple[tuple[int, ...], list[int]]:
-    """(axes the statistics reduce over, shape that per-channel tensors broadcast as)."""
-    if mode == "per_activation":
-        return (0,), [1, *x.shape[1:]]
-    return (0, *range(2, x.dim())), [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
-def _count(x: Tensor, mode: str) -> int:
-    c = 1
-    for d in _reduce_dims(x, mode)[0]:
-        c *= x.shape[d]
-    return c
-
-
 # ---- forward_training: (x, weight, bias, running_mean, running_var, momentum, eps, mode,
 #      batches)
 #      -> (y, mean, invstd, new_running_mean, new_running_var)
 
 def _setup_training(ctx, inputs, output):
-    x, weight, bias, _, _, _, _, mode, _ = inputs
+    x, weight, bias, _, _, _, _, mode, _, _ = inputs
     _, mean, invstd, new_mean, new_var = output
     # Statistics are outputs for reuse in backward and for the buffers; not differentiable.
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
@@ -70,7 +58,7 @@ def _setup_training(ctx, inputs, output):
 def _backward_training(ctx, gy, *_stat_grads):
     x, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = _ops_ns.backward(gy, x, weight, mean, invstd, True, ctx.mode)
-    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 6
+    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 7
 
 
 def _grads(ctx, weight, dx, dweight, dbias):
@@ -90,7 +78,7 @@ torch.library.register_autograd(
 # ---- forward_inference: (x, weight, bias, mean, var, eps, mode) -> y
 
 def _setup_inference(ctx, inputs, output):
-    x, weight, bias, mean, var, eps, mode = inputs
+    x, weight, bias, mean, var, eps, mode, _ = inputs
     ctx.mode = mode
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(x, weight, mean, var)
@@ -110,7 +98,7 @@ def _backward_inference(ctx, gy):
     mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
     dx, dweight, dbias = _ops_ns.backward(gy, x, weight, mean, invstd, False, ctx.mode)
     # Gradients with respect to the given statistics are not computed (they are buffers).
-    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 4
+    return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 5
 
 
 torch.library.register_autograd(
@@ -128,8 +116,8 @@ def _setup_backward(ctx, inputs, output):
 
 def _backward_backward(ctx, u, a, c):
     dy, x, weight, mean, invstd = ctx.saved_tensors
-    dims, bshape = _reduce_dims(x, ctx.mode)
-    m = _count(x, ctx.mode)
+    layout = _ops.layout_of(x, ctx.mode)
+    dims, bshape, m = layout.reduce_axes, layout.broadcast_shape, layout.count
     need = ctx.needs_input_grad
     s, mu = invstd.view(bshape), mean.view(bshape)
     g = weight.view(bshape) if weight is not None else torch.ones_like(s)
@@ -157,7 +145,7 @@ def _backward_backward(ctx, u, a, c):
     return (
         gdy.to(dy.dtype) if need[0] else None,
         gx.to(x.dtype) if need[1] else None,
-        gw.view(param_shape(x, ctx.mode)).to(weight.dtype) if need[2] else None,
+        gw.view(layout.param_shape).to(weight.dtype) if need[2] else None,
         None, None, None, None,
     )
 
@@ -171,36 +159,44 @@ torch.library.register_autograd(
 
 def _eager_backward(ctx, gy, x, weight, mean, invstd, training: bool):
     if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
-        return _ops_ns.backward(gy, x, weight, mean, invstd, training, ctx.mode)
-    return _ops.backward_impl(gy, x, weight, mean, invstd, training, ctx.mode, ctx.layout)
+        mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)
+        return _ops_ns.backward(gy, x, weight, mean, invstd, training, ctx.plan.layout.mode)
+    return _ops.grad(ctx.plan, gy, x, weight, mean, invstd, training)
 
 
 class _EagerTraining(torch.autograd.Function):
-    """forward_training without the dispatcher; running statistics updated in place."""
+    """forward_training without the dispatcher; running statistics updated in place.
+
+    Inputs are x, weight, bias and one tuple of everything else (the plan, the running
+    statistics, momentum, eps, batches, check_finite): the running statistics need no
+    gradient, and every argument apply() sees costs time on each call.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, mode, batches):
-        y, mean, invstd, ctx.layout = _ops.training_impl(
-            x, weight, bias, running_mean, running_var, momentum, eps, mode, batches)
-        ctx.mode = mode
+    def forward(ctx, x, weight, bias, call):
+        pl, running_mean, running_var, momentum, eps, batches, check_finite = call
+        y, mean, invstd = _ops.train(pl, x, weight, bias, running_mean, running_var,
+                                     momentum, eps, batches, check_finite)
+        ctx.plan, ctx.stats = pl, (mean, invstd)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _eager_backward(ctx, gy, x, weight, mean, invstd, True)
-        return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 6
+        x, weight = ctx.saved_tensors  # also checks neither was modified in place since
+        dx, dweight, dbias = _eager_backward(ctx, gy, x, weight, *ctx.stats, True)
+        return (*_grads(ctx, weight, dx, dweight, dbias), None)
 
 
 class _EagerInference(torch.autograd.Function):
     """forward_inference without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, mode):
-        y, ctx.layout = _ops.inference_impl(x, weight, bias, mean, var, eps, mode)
-        ctx.mode, ctx.eps = mode, eps
+    def forward(ctx, x, weight, bias, mean, var, call):
+        pl, eps, check_finite = call
+        y = _ops.infer(pl, x, weight, bias, mean, var, eps, check_finite)
+        ctx.plan, ctx.eps = pl, eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, mean, var)
         return y
@@ -208,15 +204,16 @@ class _EagerInference(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, mean, var = ctx.saved_tensors
-        mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
+        mean, invstd = _inference_stats(mean, var, ctx.eps, ctx.plan.sdt)
         dx, dweight, dbias = _eager_backward(ctx, gy, x, weight, mean, invstd, False)
-        return _grads(ctx, weight, dx, dweight, dbias) + (None,) * 4
+        return (*_grads(ctx, weight, dx, dweight, dbias), None, None, None)
 
 
-# Function.apply's Python wrapper binds default arguments and unwraps torch.func tensors;
-# _eager() already rules torch.func out, so the C entry point is called directly.
-_apply_training = super(torch.autograd.Function, _EagerTraining).apply
-_apply_inference = super(torch.autograd.Function, _EagerInference).apply
+# apply() without its Python wrapper (see _compat.direct_apply); _eager() rules out the
+# torch.func transforms that wrapper exists for.
+_apply_training = _compat.direct_apply(_EagerTraining)
+_apply_inference = _compat.direct_apply(_EagerInference)
+_functorch_active = _compat.functorch_transforms_active()
 
 
 def _eager(x: Tensor) -> bool:
@@ -224,18 +221,17 @@ def _eager(x: Tensor) -> bool:
     it, not for tensor subclasses (fake, functional) or meta tensors (the ops' fake kernels
     give their shapes), not under torch.func."""
     return (EAGER_FAST_PATH and type(x) is Tensor and not x.is_meta
-            and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+            and not torch.compiler.is_compiling() and not _functorch_active())
 
 
-def _wants_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _requires_grad(t: Tensor | None) -> bool:
+    return t is not None and t.requires_grad
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, mode: str = "spatial",
-               batches: Tensor | None = None) -> Tensor:
+               batches: Tensor | None = None, check_finite: bool = False) -> Tensor:
     """y = weight * (input - mean) / sqrt(var + eps) + bias, as ``torch.nn.functional.batch_norm``.
 
     In training the batch's statistics normalize and ``running_mean`` / ``running_var`` (if
@@ -255,20 +251,34 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         batches: optional one-element tensor counting the batches seen, this one included;
             replaces ``momentum`` by ``1 / batches`` (``torch.nn``'s ``momentum=None``) without
             reading the count in Python, which would break a compiled graph.
+        check_finite: raise FloatingPointError naming the channels whose batch statistics or
+            outputs are not finite (in training, at no extra pass over the data; in inference,
+            one extra read of the output); the running statistics are then left unchanged.
     """
     weight, bias, momentum, eps = _args.check(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mode)
     if input.dim() == 1:  # an empty rank-1 input (the only one check lets through)
         return input.clone()
+    if _eager(input):
+        # validation and every choice that depends only on the tensors' metadata: once
+        if training:
+            pl = _ops.plan(input, mode, "training", weight, bias, running_mean, running_var)
+            call = (pl, running_mean, running_var, momentum, eps, batches, check_finite)
+            if torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight)
+                                            or _requires_grad(bias)):
+                return _apply_training(input, weight, bias, call)
+            return _ops.train(pl, input, weight, bias, *call[1:])[0]
+        pl = _ops.plan(input, mode, "inference", weight, bias, running_mean, running_var)
+        if torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight)
+                                        or _requires_grad(bias)):
+            return _apply_inference(input, weight, bias, running_mean, running_var,
+                                    (pl, eps, check_finite))
+        return _ops.infer(pl, input, weight, bias, running_mean, running_var, eps,
+                          check_finite)
     if training:
-        if _eager(input):
-            if _wants_grad(input, weight, bias):
-                return _apply_training(input, weight, bias, running_mean, running_var,
-                                       momentum, eps, mode, batches)
-            return _ops.training_impl(input, weight, bias, running_mean, running_var,
-                                      momentum, eps, mode, batches)[0]
         y, _, _, new_mean, new_var = _ops_ns.forward_training(
-            input, weight, bias, running_mean, running_var, momentum, eps, mode, batches,
+            input, weight, bias, running_mean, running_var, momentum, eps, mode,
+            batches, check_finite,
         )
         with torch.no_grad():  # the in-place update torch.nn.functional.batch_norm makes
             if running_mean is not None:
@@ -276,8 +286,5 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             if running_var is not None:
                 running_var.copy_(new_var)
         return y
-    if _eager(input):
-        if _wants_grad(input, weight, bias):
-            return _apply_inference(input, weight, bias, running_mean, running_var, eps, mode)
-        return _ops.inference_impl(input, weight, bias, running_mean, running_var, eps, mode)[0]
-    return _ops_ns.forward_inference(input, weight, bias, running_mean, running_var, eps, mode)
+    return _ops_ns.forward_inference(input, weight, bias, running_mean, running_var,
+                                     eps, mode, check_finite)

@@ -17,23 +17,42 @@ class _Forward:
     """The forward of ``torch.nn``'s batch norm, calling :func:`batch_norm`.
 
     ``SyncBatchNorm`` shares it and overrides :meth:`_batch_norm` alone.
+
+    ``check_finite`` (a constructor keyword and a plain attribute, default False; not part of
+    the state dict, so checkpoints load both ways) makes training calls raise
+    FloatingPointError naming the channels whose batch statistics or outputs are not finite,
+    and eval calls those whose outputs are not; see :func:`batch_norm`.
     """
+
+    check_finite = False  # also the value of instances unpickled from before it existed
+
+    def __init__(self, *args, check_finite: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.check_finite = bool(check_finite)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + ", check_finite=True" if self.check_finite else text
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        training, track = self.training, self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         batches = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: the n-th batch weighs 1/n
-                batches = self.num_batches_tracked
+        if training and track:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                if self.momentum is None:  # cumulative average: the n-th batch weighs 1/n
+                    batches = tracked
+        running_mean, running_var = self.running_mean, self.running_var
         # Batch statistics in training, and in eval when there are no running statistics.
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
+        use_batch = training or (running_mean is None and running_var is None)
+        keep_running = not training or track
         return self._batch_norm(
             input,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
+            running_mean if keep_running else None,
+            running_var if keep_running else None,
             use_batch,
             momentum,
             batches,
@@ -43,7 +62,7 @@ class _Forward:
                     running_var: Tensor | None, training: bool, momentum: float,
                     batches: Tensor | None) -> Tensor:
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
-                          momentum, self.eps, batches=batches)
+                          momentum, self.eps, batches=batches, check_finite=self.check_finite)
 
 
 class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
