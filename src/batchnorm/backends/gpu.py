@@ -950,9 +950,10 @@ def backward(dy, x, gamma, mean, invstd, layout, *, training=True, out=None, y=N
     Inference: dx = gamma * invstd * g
     with g = dy * act'(pre), dbeta = sum(g), dgamma = sum(g * xhat), dz = g.
 
-    What it reads: dy, x (or, with ``x=None``, y: xhat = (act^-1(y) - beta) / gamma) and y
-    with an activation: ``(2 + [activation and x kept]) * itemsize`` bytes per element, plus
-    the per-channel statistics, gamma and beta.
+    What it needs saved from the forward (contract §8): x, ``itemsize`` bytes per element;
+    x and y with an activation (y's sign gives act'), ``2 * itemsize``; y alone in the
+    memory-saving mode (``x=None``: xhat = (act^-1(y) - beta) / gamma), ``itemsize``; plus
+    the per-channel mean, invstd, gamma and beta.
 
     Args:
         dy: [layout.shape] CUDA tensor; x: the forward's input, or None in the memory-saving
