@@ -167,13 +167,14 @@ PAIRWISE_FLAGS = [tuple(bool(int(c)) for c in row) for row in (
 
 
 def cases() -> list[Case]:
-    """The grid: every shape in every pass and dtype (bfloat16 on the main layouts), then
+    """The grid: every shape in every pass and dtype (bfloat16 on four of them), then
     the optional inputs and check_finite, pairwise, on a small (persistent) and a large
     (split) shape."""
     out = []
     for name, (shape, fmt, mode, axis) in SHAPES.items():
-        main = name.split(" ")[0] in ("nchw", "channels_last") and "int64" not in name
-        for dtype in ALL_DTYPES if main else ALL_DTYPES[:2]:
+        # bfloat16 is loaded and stored like float16 (same registers, same tiles): the
+        # persistent and split shapes of both layouts show it compiles
+        for dtype in ALL_DTYPES if name in FUSED_SHAPES else ALL_DTYPES[:2]:
             for pass_ in PASSES:
                 out.append(Case(name, shape, dtype, pass_, fmt, mode, axis))
     for name in ("nchw small", "nchw large"):
@@ -189,7 +190,10 @@ def cases() -> list[Case]:
         for j, name in enumerate(FUSED_SHAPES):
             shape, fmt, mode, axis = SHAPES[name]
             dtype = dtypes[(i + j) % 4]
-            for pass_ in PASSES:
+            # training on all four; inference (the apply kernel with the variance, the
+            # partial-sums kernel writing dx) on one layout per algorithm, alternating
+            passes = PASSES if (j in (0, 3)) == (i % 2 == 0) else ("forward", "backward")
+            for pass_ in passes:
                 out.append(Case(name, shape, dtype, pass_, fmt, mode, axis, form=form))
         # beta given and not (it shifts the recovery from y)
         if FORMS[form][2]:

@@ -840,8 +840,11 @@ class _Grad:
         g, b = _param(gamma, dev), _param(beta, dev)
         mu, inv = _param(mean, dev), _param(invstd, dev)
         self.channel = (mu, inv, _or(g, inv), _or(b, inv), slope)
-        self.flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_ACT=act,
-                          FROM_Y=x is None)
+        # beta and the recovery from y matter only where xhat is recovered: fixed elsewhere,
+        # so that calls computing the same thing share one compiled variant
+        from_y = x is None and pass_ != "grad_apply_inference"
+        self.flags = dict(HAS_GAMMA=g is not None, HAS_BETA=from_y and b is not None,
+                          HAS_ACT=act, FROM_Y=from_y)
 
     @property
     def split(self) -> tuple:
