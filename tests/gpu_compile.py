@@ -438,6 +438,8 @@ def run_case(case: Case, plans: list) -> None:
     plans.append(gpu.launch_plan(case.pass_, xin, layout, dy=dy, y=y, residual=z, out=out,
                                  want_dz=residual, check_finite=case.check_finite, **fused))
     stat = torch.empty(layout.param_shape, device="meta", dtype=torch.float32)
+    # the phases get the float64 statistics of merged moments, as SyncBatchNorm has them
+    merged = torch.empty(layout.param_shape, device="meta", dtype=torch.float64)
     if case.pass_ == "forward":
         gpu.forward_training(x, gamma, beta, layout, eps=1e-5, momentum=0.1, running_mean=rm,
                              running_var=rv, check_finite=case.check_finite, out=out,
@@ -448,11 +450,12 @@ def run_case(case: Case, plans: list) -> None:
     elif case.pass_ == "moments":
         gpu.moments(x, layout)
     elif case.pass_ == "apply":
-        gpu.apply(x, stat, stat, gamma, beta, layout, out=out, residual=z, **fused)
+        gpu.apply(x, merged, merged, gamma, beta, layout, out=out, residual=z, **fused)
     elif case.pass_ == "grad_sums":
-        gpu.grad_sums(dy, xin, stat, stat, layout, y=y, gamma=gamma, beta=beta, **fused)
+        gpu.grad_sums(dy, xin, merged, merged, layout, y=y, gamma=gamma, beta=beta, **fused)
     elif case.pass_.startswith("grad_apply"):
-        gpu.grad_apply(dy, xin, stat, stat, gamma, (stat, stat), layout, count=layout.count,
+        gpu.grad_apply(dy, xin, merged, merged, gamma, (stat, stat), layout,
+                       count=layout.count,
                        training=case.pass_ == "grad_apply", y=y, beta=beta,
                        want_dz=residual, **fused)
     else:
