@@ -12,13 +12,13 @@ so every result is deterministic run to run; no kernel waits on another program.
 
 Overflow. The sum of squared deviations M2 passes float32's range when the spread of a
 channel passes about 1e17 (a sum of values, when they pass about 1e34), while the answer,
-invstd, is still a normal float32. Between programs M2 is therefore carried as its square
-root ``r = sqrt(M2)`` (the partials, the merges, :func:`_finish_stats`), merged with a scaled
-hypot; within a program the fast sums stay as they are, and a program whose sums come out
-Inf or NaN sums its values again, scaled by fixed powers of two (:data:`SUM_SCALE`: in
-registers for the persistent kernels, a second read of its tiles for the split ones).
-Finite channels pay one test per program; a channel whose input holds Inf or NaN pays the
-second read and still comes out non-finite, as it must (check_finite reports it).
+invstd, is still a normal float32. Every sum is therefore taken twice in one reduction tree
+(:func:`_sum2_ab`): plainly, and scaled by a fixed power of two (:data:`SUM_SCALE`,
+:data:`SQUARES_SCALE`) that cannot overflow; the scaled one is used where the plain one is
+not finite. Between programs M2 is carried as its square root ``r = sqrt(M2)`` (the
+partials, the merges, :func:`_finish_stats`), merged with a scaled hypot. No branch, no
+second read: a channel whose input holds Inf or NaN comes out non-finite, as it must
+(check_finite reports it).
 
 The epilogue (contract §8): the forward kernels end in :func:`_epilogue` (residual add, then
 relu / leaky_relu, chosen by the constexprs HAS_RES and HAS_ACT; relu is slope 0), the
@@ -88,38 +88,57 @@ def _finite(v):
 
 
 @triton.jit
-def _any(flags):
-    """True (a scalar) when any channel of the block is flagged: a branch all threads take."""
-    return tl.max(flags.to(tl.int32), axis=0) > 0
-
-
-@triton.jit
 def _scale_of(s):
     """A scale for values up to ``s`` in magnitude: s itself where 1/s is a finite float32
     (s normal), 1 elsewhere (zero, tiny, Inf or NaN: nothing to gain, NaN kept)."""
     return tl.where((s > 1e-37) & (s < float("inf")), s, 1.0)
 
 
-# Power-of-two scales of the overflow rescans: exact, and small enough that sums of scaled
-# values (any float32 times 2**-64) and of squared scaled deviations (times 2**-80) cannot
-# overflow. The terms they make subnormal (|x| < 2**-62, |d| < 2**17) are negligible
-# wherever the unscaled sum overflowed, and a channel whose sums did not keeps them.
+# Power-of-two scales of the second sums: exact, and small enough that sums of scaled
+# values (any float32 times 2**-64) and of squared scaled deviations (times 2**-80) over a
+# tile or a persistent slice cannot overflow. The terms they make subnormal (|x| < 2**-62,
+# |d| < 2**17) are negligible wherever the plain sum overflowed, the only place they are
+# used.
 SUM_SCALE: tl.constexpr = tl.constexpr(2.0**-64)
 SQUARES_SCALE: tl.constexpr = tl.constexpr(2.0**-80)
 
 
 @triton.jit
-def _scaled_mean(v, n):
-    """Mean over A and B of a tile (0 where masked) whose plain sum overflows float32."""
-    return (_sum_ab(v * SUM_SCALE) / n) * (1.0 / SUM_SCALE)
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
-def _scaled_root(d):
-    """sqrt(sum of d^2) over A and B of a tile (0 where masked) whose plain sum of squares
-    overflows float32."""
+def _sum2_ab(a, b):
+    """(sum of a, sum of b) over A and B of two tiles -> two [BLOCK_C], in one reduction."""
+    a, b = tl.reduce((a, b), 2, _add2)
+    return tl.reduce((a, b), 0, _add2)
+
+
+@triton.jit
+def _mean_of(s, s_scaled, n):
+    """The mean from a plain sum and the sum scaled by SUM_SCALE (where the plain one
+    overflowed)."""
+    return tl.where(_finite(s), s / n, (s_scaled / n) * (1.0 / SUM_SCALE))
+
+
+@triton.jit
+def _tile_moments(v, mask, n):
+    """Count-``n`` mean and M2 of a tile (two-pass in registers), each sum also scaled:
+    ``(mean, m2, m2_scaled, d)`` with m2_scaled = M2 * SQUARES_SCALE**2 and d the
+    deviations (0 where masked)."""
+    s, s_scaled = _sum2_ab(v, v * SUM_SCALE)
+    mean = _mean_of(s, s_scaled, n)
+    d = tl.where(mask, v - _bcast(mean), 0.0)
     u = d * SQUARES_SCALE
-    return tl.sqrt(_sum_ab(u * u)) * (1.0 / SQUARES_SCALE)
+    m2, m2_scaled = _sum2_ab(d * d, u * u)
+    return mean, m2, m2_scaled, d
+
+
+@triton.jit
+def _root_of(m2, m2_scaled):
+    """sqrt(M2) from M2 and M2 * SQUARES_SCALE**2 (where M2 overflowed)."""
+    return tl.where(m2 < float("inf"), tl.sqrt(m2), tl.sqrt(m2_scaled) * (1.0 / SQUARES_SCALE))
 
 
 @triton.jit
@@ -134,14 +153,17 @@ def _hypot3(a, b, c):
 
 
 @triton.jit
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.: merge (count, mean, M2) of two disjoint sets; empty sets are neutral."""
+def _chan_merge(n_a, mean_a, m2_a, m2s_a, n_b, mean_b, m2_b, m2s_b):
+    """Chan et al.: merge (count, mean, M2, M2 scaled by SQUARES_SCALE**2) of two disjoint
+    sets; empty sets are neutral."""
     n = n_a + n_b
     w = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
     mean = mean_a + delta * w
     m2 = m2_a + m2_b + delta * delta * n_a * w
-    return n, mean, m2
+    ds = delta * SQUARES_SCALE
+    m2s = m2s_a + m2s_b + ds * ds * n_a * w
+    return n, mean, m2, m2s
 
 
 @triton.jit
@@ -219,47 +241,30 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
     partials[S, C].
 
     Each tile is reduced two-pass in registers, then Chan-merged into the program's total,
-    so no sum of squares ever cancels. Sums that overflow float32 are taken again, scaled
-    (see the module notes).
+    so no sum of squares ever cancels; sums that overflow float32 are read off their scaled
+    twins (see the module notes).
     """
     pc = tl.program_id(0)
     ps = tl.program_id(1)
     n = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2s = tl.zeros((BLOCK_C,), dtype=tl.float32)
     t0 = ps * TPP
     t1 = tl.minimum(t0 + TPP, T)
     for t in range(t0, t1):
         a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
         v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
                     other=0.0).to(tl.float32)
-        n_t = _sum_ab(mask.to(tl.float32))
-        mean_t = _sum_ab(v) / tl.maximum(n_t, 1.0)
-        d = tl.where(mask, v - _bcast(mean_t), 0.0)
-        m2_t = _sum_ab(d * d)
-        n, mean, m2 = _chan_merge(n, mean, m2, n_t, mean_t, m2_t)
+        # values in the tile, per channel: the tile's rows times its columns
+        n_t = (tl.minimum(A - a0, BLOCK_A) * tl.minimum(B - b0, BLOCK_B)).to(tl.float32)
+        mean_t, m2_t, m2s_t, _ = _tile_moments(v, mask, n_t)
+        n, mean, m2, m2s = _chan_merge(n, mean, m2, m2s, n_t, mean_t, m2_t, m2s_t)
     c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c1 < C
-    r = tl.sqrt(m2)
     tl.store(pn_ptr + ps * C + c1, n, mask=cmask)
     tl.store(pmean_ptr + ps * C + c1, mean, mask=cmask)
-    tl.store(pr_ptr + ps * C + c1, r, mask=cmask)
-    redo = cmask & ~(_finite(mean) & _finite(r))
-    if _any(redo):  # a sum overflowed (or x holds Inf / NaN): the tiles again, scaled
-        n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        r = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t in range(t0, t1):
-            a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C,
-                                                 BLOCK_B, I64)
-            v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
-                        other=0.0).to(tl.float32)
-            n_t = _sum_ab(mask.to(tl.float32))
-            mean_t = _scaled_mean(v, tl.maximum(n_t, 1.0))
-            r_t = _scaled_root(tl.where(mask, v - _bcast(mean_t), 0.0))
-            n, mean, r = _chan_merge_root(n, mean, r, n_t, mean_t, r_t)
-        tl.store(pmean_ptr + ps * C + c1, mean, mask=redo)
-        tl.store(pr_ptr + ps * C + c1, r, mask=redo)
+    tl.store(pr_ptr + ps * C + c1, _root_of(m2, m2s), mask=cmask)
 
 
 @triton.jit
@@ -363,21 +368,14 @@ def fwd_persistent_kernel(x_ptr, sxa, sxc, sxb, z_ptr, sza, szc, szb, y_ptr, sya
     """One read of x: the channel block's whole slice stays in registers from stats to y.
 
     The tile covers all of A and B (BLOCK_A >= A, BLOCK_B >= B); mean and variance are
-    two-pass over the registers, so this is exactly as accurate as the split path. Sums
-    that overflow are taken again from the registers, scaled (one tile live at a time: the
-    mean's from x before the deviations exist, M2's from the deviations).
+    two-pass over the registers, so this is exactly as accurate as the split path.
     """
     pc = tl.program_id(0)
     a0, c0, b0, ra, rc, rb, mask = _tile(pc, 0, 1, A, C, B, BLOCK_A, BLOCK_C, BLOCK_B, I64)
     v = tl.load(_at(x_ptr, a0, c0, b0, ra, rc, rb, sxa, sxc, sxb), mask=mask,
                 other=0.0).to(tl.float32)
-    mean = _sum_ab(v) / M
-    if _any(~_finite(mean)):
-        mean = tl.where(_finite(mean), mean, _scaled_mean(v, M))
-    d = tl.where(mask, v - _bcast(mean), 0.0)
-    r = tl.sqrt(_sum_ab(d * d))
-    if _any(~_finite(r)):
-        r = tl.where(_finite(r), r, _scaled_root(d))
+    mean, m2, m2s, d = _tile_moments(v, mask, M * 1.0)
+    r = _root_of(m2, m2s)
     c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c1 < C
     invstd, bad = _finish_stats(c1, cmask, mean, r, M, unbias, eps, momentum, rmean_ptr,
