@@ -1,9 +1,11 @@
-"""The three batch-norm operators as ``torch.library`` custom ops, with fake kernels.
+"""The three batch-norm operators as ``torch.library`` custom ops, with fake kernels, and the
+per-call plan and implementations that both they and the eager route use.
 
-Registering them as operators (``batchnorm::forward_training``, ``::forward_inference``,
-``::backward``) rather than calling NumPy from an ``autograd.Function`` is what lets
-``torch.compile(..., fullgraph=True)`` trace a model through them: the compiler sees one
-opaque node per call, and the fake kernels tell it the output shapes and dtypes.
+The operators (``batchnorm::forward_training``, ``::forward_inference``, ``::backward``)
+serve the calls that cannot take the eager route: ``torch.func`` transforms, tensor
+subclasses, and ``check_finite=True`` under a compiler (which otherwise traces the torch
+operations of :mod:`batchnorm.torch._decomp`). A compiler sees one opaque node per call,
+and the fake kernels tell it the output shapes and dtypes.
 
 Dispatch: a CPU tensor is handed to the backends as a zero-copy NumPy view
 (``t.detach().numpy()``; contiguous and channels-last strides both work), the output is
