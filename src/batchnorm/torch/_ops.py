@@ -280,6 +280,9 @@ def _updated(running: Tensor | None, x: Tensor) -> Tensor:
     return running.detach().clone()
 
 
+_increment_version = torch.autograd.graph.increment_version
+
+
 def _raise_if_bad(bad, layout: S.Layout, restore) -> None:
     """check_finite: raise naming the non-finite channels, after putting the running
     statistics back as they were (a call that raises leaves them unchanged, contract §3)."""
@@ -303,12 +306,12 @@ def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     eps, momentum = S.check_scalars(eps, momentum)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
-    if pl.direct:
+    if pl.direct:  # CPU tensors the kernels read as they are: no conversion, no decision
         y = torch.empty_like(x)
-        mean, invstd, bad = pl.cpu.train(_np(x), _np(weight), _np(bias), eps, momentum,
-                                         _written(running_mean), _written(running_var),
-                                         y.numpy(),
-                                         bool(check_finite))
+        mean, invstd, bad = pl.cpu.train(
+            x.numpy(force=True), None if weight is None else weight.numpy(force=True),
+            None if bias is None else bias.numpy(force=True), eps, momentum,
+            _written(running_mean), _written(running_var), y.numpy(), bool(check_finite))
     else:
         host = _Host(pl)
         xa = host(x)
@@ -324,9 +327,10 @@ def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         mean, invstd = _tensor(mean, x), _tensor(invstd, x)
     # The backend wrote the running statistics through NumPy, behind autograd's back: count
     # the write, as an in-place torch operation would, so stale saved copies are detected.
-    for running in (running_mean, running_var):
-        if running is not None:
-            torch.autograd.graph.increment_version(running)
+    if running_mean is not None:
+        _increment_version(running_mean)
+    if running_var is not None:
+        _increment_version(running_var)
     if check_finite:
         _raise_if_bad(bad, pl.layout, restore)
     return y, mean, invstd
@@ -388,12 +392,15 @@ def grad(pl: Plan, dy: Tensor, x: Tensor, weight: Tensor | None, mean, invstd,
     ``invstd`` as the forward returned them (NumPy arrays on the direct path)."""
     if dy.shape != x.shape:
         S.check_same_shape("dy", dy, pl.layout)
-    dya = _np(dy) if pl.direct else None
+    dya = dy.numpy(force=True) if pl.direct else None
     if pl.direct and pl.cpu.takes(dya):  # the training loop's case: dy in x's order
         dx = torch.empty_like(x)
-        dweight, dbias = pl.cpu.grad(dya, _np(x), _np(weight), _np(mean), _np(invstd),
-                                     bool(training), dx.numpy())
-    elif pl.direct:  # the CPU backend decides how to read dy
+        dweight, dbias = pl.cpu.grad(
+            dya, x.numpy(force=True), None if weight is None else weight.numpy(force=True),
+            _np(mean), _np(invstd), bool(training), dx.numpy())
+        return (dx, _zeros(pl, x) if dweight is None else torch.from_numpy(dweight),
+                torch.from_numpy(dbias))
+    if pl.direct:  # the CPU backend decides how to read dy
         dx = torch.empty_like(x)
         _, dweight, dbias = pl.backend.backward(
             dya, _np(x), _np(weight), _np(mean), _np(invstd), pl.layout, training=training,
@@ -409,8 +416,13 @@ def grad(pl: Plan, dy: Tensor, x: Tensor, weight: Tensor | None, mean, invstd,
         host.finish()
         dx = _as(dx, x.dtype)
     if dweight is None:
-        dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=x.device)
+        dweight = _zeros(pl, x)
     return dx, _tensor(dweight, x, pl.sdt), _tensor(dbias, x, pl.sdt)
+
+
+def _zeros(pl: Plan, x: Tensor) -> Tensor:
+    # dweight of a call without weight: the op's schema returns a tensor
+    return torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=x.device)
 
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
