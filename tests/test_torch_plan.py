@@ -134,3 +134,15 @@ def test_gradient_in_another_memory_order():
     F.batch_norm(xt, None, None, w, b, True).backward(dy)
     assert xo.grad.is_contiguous(memory_format=torch.channels_last)  # x's order
     assert_close(xo.grad, xt.grad, torch.float32, name="dx")
+
+
+def test_the_torch_statistics_dtype_is_the_numpy_rule():
+    # one rule (contract §4), written for NumPy in _shapes and for torch dtypes in _ops
+    import numpy as np
+
+    from batchnorm import _shapes
+
+    for t, n in ((torch.float64, np.float64), (torch.float32, np.float32),
+                 (torch.float16, np.float16)):
+        assert _ops.stats_dtype(t) == getattr(torch, _shapes.stats_dtype(n).name)
+    assert _ops.stats_dtype(torch.bfloat16) == torch.float32  # NumPy has no bfloat16

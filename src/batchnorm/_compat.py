@@ -50,18 +50,6 @@ def numba_thread_count_reader() -> Callable[[], int] | None:
     return getattr(parallel, "_get_num_threads", None)
 
 
-def register_inductor_decomposition(op, fn: Callable) -> None:
-    """Make Inductor decompose the operator ``op`` with ``fn``: an entry in
-    ``torch._inductor.decomposition.decompositions``, and a reset of the merged table
-    Inductor caches from it (``fast_random_decomps``), which a compile before this call
-    would otherwise keep without the entry. ``fn`` may return ``NotImplemented`` to leave
-    a call to the operator itself."""
-    from torch._inductor import decomposition
-
-    decomposition.decompositions[op] = fn
-    decomposition.fast_random_decomps.cache_clear()
-
-
 def launch_numba_threads(spin_count: int) -> None:
     """Launch Numba's thread pool. When its threading layer is OpenMP (GNU libgomp, loaded
     as a runtime of its own next to PyTorch's), its idle threads spin ``spin_count``

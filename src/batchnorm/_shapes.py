@@ -51,7 +51,7 @@ class Layout:
 
     @functools.cached_property
     def count(self) -> int:
-        return math.prod(self.shape[a] for a in self.reduce_axes)
+        return count_of(self.shape, self.reduce_axes)
 
     @functools.cached_property
     def channels(self) -> int:
@@ -60,7 +60,7 @@ class Layout:
     @functools.cached_property
     def broadcast_shape(self) -> tuple[int, ...]:
         """The input's shape with reduced axes set to 1: parameters reshape to this."""
-        return tuple(1 if a in self.reduce_axes else n for a, n in enumerate(self.shape))
+        return broadcast_of(self.shape, self.reduce_axes)
 
     @functools.cached_property
     def kept_adjacent(self) -> bool:
@@ -129,6 +129,20 @@ def check_epilogue(activation: Any, negative_slope: Any = 0.01) -> Epilogue | No
         _fail(ValueError, "negative_slope must be a finite number >= 0 (the output must tell "
                           f"the sign of its input), got {negative_slope!r}")
     return Epilogue("leaky_relu", slope)
+def count_of(shape, reduce_axes) -> int:
+    """M, the number of values per channel: the product of the reduced sizes."""
+    m = 1
+    for a in reduce_axes:  # a loop, which a compiler traces, rather than math.prod
+        m *= shape[a]
+    return m
+
+
+def broadcast_of(shape, reduce_axes) -> tuple[int, ...]:
+    """``shape`` with the reduced axes set to 1: the shape per-channel tensors broadcast as.
+
+    :class:`Layout` answers both once per layout; these serve code that must not cache
+    (sizes that are symbolic while a compiler traces)."""
+    return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
 
 
 def _fail(exc: type[Exception], message: str) -> None:

@@ -268,13 +268,14 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
     nt = max(1, min(nt, nr))
     # the shifts: the mean of the first rows (one row would do for exactness, but an
     # outlying first row would cost float32 bits; see REFINE)
-    kx = np.empty(nc, x.dtype)
     nk = min(nr, ROWS_CHUNK)
+    ka = np.zeros(nc)
+    for r in range(nk):  # row by row: contiguous, vectorized across channels
+        for c in range(nc):
+            ka[c] += np.float64(x[r, c])
+    kx = np.empty(nc, x.dtype)
     for c in range(nc):
-        a = 0.0
-        for r in range(nk):
-            a += np.float64(x[r, c])
-        kx[c] = a / nk
+        kx[c] = ka[c] / nk
     part = np.zeros((nt, 2, nc))
     tot = np.empty((2, nc))
     for attempt in range(2):

@@ -1,9 +1,11 @@
-"""The three batch-norm operators as ``torch.library`` custom ops, with fake kernels.
+"""The three batch-norm operators as ``torch.library`` custom ops, with fake kernels, and the
+per-call plan and implementations that both they and the eager route use.
 
-Registering them as operators (``batchnorm::forward_training``, ``::forward_inference``,
-``::backward``) rather than calling NumPy from an ``autograd.Function`` is what lets
-``torch.compile(..., fullgraph=True)`` trace a model through them: the compiler sees one
-opaque node per call, and the fake kernels tell it the output shapes and dtypes.
+The operators (``batchnorm::forward_training``, ``::forward_inference``, ``::backward``)
+serve the calls that cannot take the eager route: ``torch.func`` transforms, tensor
+subclasses, and ``check_finite=True`` under a compiler (which otherwise traces the torch
+operations of :mod:`batchnorm.torch._decomp`). A compiler sees one opaque node per call,
+and the fake kernels tell it the output shapes and dtypes.
 
 Dispatch: a CPU tensor is handed to the backends as a zero-copy NumPy view
 (``t.detach().numpy()``; contiguous and channels-last strides both work), the output is
@@ -258,6 +260,9 @@ def _updated(running: Tensor | None, x: Tensor) -> Tensor:
     return running.detach().clone()
 
 
+_increment_version = torch.autograd.graph.increment_version
+
+
 def _raise_if_bad(bad, layout: S.Layout, restore) -> None:
     """check_finite: raise naming the non-finite channels, after putting the running
     statistics back as they were (a call that raises leaves them unchanged, contract §3)."""
@@ -281,12 +286,12 @@ def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     # eps and momentum were checked by batch_norm (torch's rules: any real momentum)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
-    if pl.direct:
+    if pl.direct:  # CPU tensors the kernels read as they are: no conversion, no decision
         y = torch.empty_like(x)
-        mean, invstd, bad = pl.cpu.train(_np(x), _np(weight), _np(bias), eps, momentum,
-                                         _written(running_mean), _written(running_var),
-                                         y.numpy(),
-                                         bool(check_finite))
+        mean, invstd, bad = pl.cpu.train(
+            x.numpy(force=True), None if weight is None else weight.numpy(force=True),
+            None if bias is None else bias.numpy(force=True), eps, momentum,
+            _written(running_mean), _written(running_var), y.numpy(), bool(check_finite))
     else:
         host = _Host(pl)
         xa = host(x)
@@ -302,9 +307,10 @@ def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         mean, invstd = _tensor(mean, x), _tensor(invstd, x)
     # The backend wrote the running statistics through NumPy, behind autograd's back: count
     # the write, as an in-place torch operation would, so stale saved copies are detected.
-    for running in (running_mean, running_var):
-        if running is not None:
-            torch.autograd.graph.increment_version(running)
+    if running_mean is not None:
+        _increment_version(running_mean)
+    if running_var is not None:
+        _increment_version(running_var)
     if check_finite:
         _raise_if_bad(bad, pl.layout, restore)
     return y, mean, invstd
@@ -365,12 +371,15 @@ def grad(pl: Plan, dy: Tensor, x: Tensor, weight: Tensor | None, mean, invstd,
     ``invstd`` as the forward returned them (NumPy arrays on the direct path)."""
     if dy.shape != x.shape:
         S.check_same_shape("dy", dy, pl.layout)
-    dya = _np(dy) if pl.direct else None
+    dya = dy.numpy(force=True) if pl.direct else None
     if pl.direct and pl.cpu.takes(dya):  # the training loop's case: dy in x's order
         dx = torch.empty_like(x)
-        dweight, dbias = pl.cpu.grad(dya, _np(x), _np(weight), _np(mean), _np(invstd),
-                                     bool(training), dx.numpy())
-    elif pl.direct:  # the CPU backend decides how to read dy
+        dweight, dbias = pl.cpu.grad(
+            dya, x.numpy(force=True), None if weight is None else weight.numpy(force=True),
+            _np(mean), _np(invstd), bool(training), dx.numpy())
+        return (dx, _zeros(pl, x) if dweight is None else torch.from_numpy(dweight),
+                torch.from_numpy(dbias))
+    if pl.direct:  # the CPU backend decides how to read dy
         dx = torch.empty_like(x)
         _, dweight, dbias = pl.backend.backward(
             dya, _np(x), _np(weight), _np(mean), _np(invstd), pl.layout, training=training,
@@ -386,8 +395,13 @@ def grad(pl: Plan, dy: Tensor, x: Tensor, weight: Tensor | None, mean, invstd,
         host.finish()
         dx = _as(dx, x.dtype)
     if dweight is None:
-        dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=x.device)
+        dweight = _zeros(pl, x)
     return dx, _tensor(dweight, x, pl.sdt), _tensor(dbias, x, pl.sdt)
+
+
+def _zeros(pl: Plan, x: Tensor) -> Tensor:
+    # dweight of a call without weight: the op's schema returns a tensor
+    return torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=x.device)
 
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,

@@ -33,12 +33,16 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from . import _args, _ops  # importing _ops registers torch.ops.batchnorm.*
+from . import _args, _decomp, _ops  # importing _ops registers torch.ops.batchnorm.*
 
 _ops_ns = torch.ops.batchnorm
 
 # Whether eager calls take the direct route (tests turn it off to compare the two routes).
 EAGER_FAST_PATH = True
+
+# Whether a compiler traces the torch operations of _decomp (which it fuses with the layers
+# around) rather than the custom ops (our kernels, opaque to it); see batch_norm.
+COMPILE_DECOMPOSITION = True
 
 
 # ---- forward_training: (x, weight, bias, running_mean, running_var, momentum, eps, mode,
@@ -275,16 +279,25 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                                     (pl, eps, check_finite))
         return _ops.infer(pl, input, weight, bias, running_mean, running_var, eps,
                           check_finite)
+    # A compiler traces torch operations it can fuse with the layers around (see _decomp);
+    # otherwise (and for check_finite, which the kernels answer) the custom ops.
+    decompose = COMPILE_DECOMPOSITION and not check_finite and torch.compiler.is_compiling()
     if training:
-        y, _, _, new_mean, new_var = _ops_ns.forward_training(
-            input, weight, bias, running_mean, running_var, momentum, eps, mode,
-            batches, check_finite,
-        )
+        if decompose:
+            y, _, _, new_mean, new_var = _decomp.forward_training(
+                input, weight, bias, running_mean, running_var, momentum, eps, mode, batches)
+        else:
+            y, _, _, new_mean, new_var = _ops_ns.forward_training(
+                input, weight, bias, running_mean, running_var, momentum, eps, mode,
+                batches, check_finite)
         with torch.no_grad():  # the in-place update torch.nn.functional.batch_norm makes
             if running_mean is not None:
                 running_mean.copy_(new_mean)
             if running_var is not None:
                 running_var.copy_(new_var)
         return y
+    if decompose:
+        return _decomp.forward_inference(input, weight, bias, running_mean, running_var,
+                                         eps, mode)
     return _ops_ns.forward_inference(input, weight, bias, running_mean, running_var,
                                      eps, mode, check_finite)
