@@ -23,12 +23,13 @@ from torch import fx, nn
 
 class Tracer(fx.Tracer):
     """``torch.fx``'s tracer, keeping every batch norm (torch's, ours, user subclasses) and
-    every module of this library as one opaque call: surgery replaces whole modules, and
-    their own ``forward`` need not be traceable."""
+    every layer of ``batchnorm.torch`` as one opaque call: surgery replaces whole modules,
+    and their own ``forward`` need not be traceable. (Models defined elsewhere in this
+    package, such as the CLI's networks, are traced through like any user's.)"""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, nn.modules.batchnorm._BatchNorm)
-                or type(m).__module__.startswith("batchnorm.")
+                or type(m).__module__.startswith(__package__ + ".")
                 or super().is_leaf_module(m, qualname))
 
 
