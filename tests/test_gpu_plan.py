@@ -32,10 +32,10 @@ def test_small_nchw_forward_is_one_persistent_launch():
     X, vec = 2 * 3 * 16 * 4, 3 * 4          # 384 bytes of x; one per-channel vector
     assert p.algorithm == "persistent" and p.dims == (2, 3, 16) and p.grid == (3,)
     assert kernels(p) == ["fwd_persistent_kernel"]
-    # reads x, gamma, beta, running mean and var; writes y, mean, invstd, scale, running x2
-    assert (p.bytes_read, p.bytes_written) == (X + 4 * vec, X + 5 * vec) == (432, 444)
-    assert p.min_bytes == 2 * X
-    assert p.traffic_ratio == pytest.approx(876 / 768)
+    # reads x, gamma, beta, running mean and var; writes y, mean, invstd, running x2
+    assert (p.bytes_read, p.bytes_written) == (X + 4 * vec, X + 4 * vec) == (432, 432)
+    assert p.streams == ("x", "y") and p.min_bytes == 2 * X
+    assert p.traffic_ratio == pytest.approx(864 / 768)
     assert p.programs_per_sm == pytest.approx(3 / 132)
 
 
@@ -47,19 +47,19 @@ def test_large_nchw_forward_reads_x_twice():
     assert p.algorithm == "split" and p.blocks == (1, 1, 2048)
     assert (p.n_c, p.tiles, p.splits, p.tiles_per_split) == (16, 32, 32, 1)
     X, vec, S = 16 * 16 * 4096 * 4, 16 * 4, 32
-    partials = 3 * S * vec                  # count, mean, M2 per split and channel
+    partials = 3 * S * vec                  # count, mean, sqrt(M2) per split and channel
     assert kernels(p) == ["fwd_partial_kernel", "fwd_finalize_kernel", "fwd_apply_kernel"]
     by_kernel = {launch.kernel: launch for launch in p.launches}
     assert (by_kernel["fwd_partial_kernel"].bytes_read,
             by_kernel["fwd_partial_kernel"].bytes_written) == (X, partials)
-    # finalize reads the partials, gamma and the running statistics; writes mean, invstd,
-    # scale and the running statistics
+    # finalize reads the partials and the running statistics; writes mean, invstd and the
+    # running statistics
     assert (by_kernel["fwd_finalize_kernel"].bytes_read,
-            by_kernel["fwd_finalize_kernel"].bytes_written) == (partials + 3 * vec, 5 * vec)
-    # every apply program reads mean, scale and beta
+            by_kernel["fwd_finalize_kernel"].bytes_written) == (partials + 2 * vec, 4 * vec)
+    # every apply program reads mean, invstd, gamma and beta
     assert (by_kernel["fwd_apply_kernel"].bytes_read,
-            by_kernel["fwd_apply_kernel"].bytes_written) == (X + 3 * S * vec, X)
-    assert p.bytes_moved == 3 * X + 2 * partials + 3 * vec + 5 * vec + 3 * S * vec
+            by_kernel["fwd_apply_kernel"].bytes_written) == (X + 4 * S * vec, X)
+    assert p.bytes_moved == 3 * X + 2 * partials + 2 * vec + 4 * vec + 4 * S * vec
     assert p.traffic_ratio == pytest.approx(1.5, abs=0.01)
     assert p.grid == (16, 32) and p.programs_per_sm == pytest.approx(512 / 132)
 
@@ -76,9 +76,9 @@ def test_channels_last_backward_split():
     reads = [launch.bytes_read for launch in p.launches]
     writes = [launch.bytes_written for launch in p.launches]
     # partial: x, dy, and mean / invstd / gamma per program -> sum(dy), sum(dy * xhat)
-    # finalize: both partials and invstd -> dgamma, dbeta
+    # finalize: both partials -> dgamma, dbeta
     # apply: x, dy, and five per-channel vectors per program -> dx
-    assert reads == [2 * X + 3 * S * vec, 2 * S * vec + vec, 2 * X + 5 * S * vec]
+    assert reads == [2 * X + 3 * S * vec, 2 * S * vec, 2 * X + 5 * S * vec]
     assert writes == [2 * S * vec, 2 * vec, X]
     assert p.min_bytes == 3 * X
 
