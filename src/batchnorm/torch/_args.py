@@ -289,19 +289,10 @@ def _overlaps_itself(t: Tensor) -> bool:
     return False
 
 
-def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
-    """The memory-saving mode's conditions (contract §8), and torch's rules for an operation
-    that writes its input, checked before anything is written.
-
-    The mode needs an invertible activation (none, or leaky_relu with a slope > 0) and no
-    residual. As torch's in-place operations, it refuses a leaf that requires grad (or a view
-    of one) while grad mode is on, an inference tensor outside inference mode, an input whose
-    elements share memory, and an input sharing memory with ``others`` (the per-channel
-    tensors). An input that another operation saved for its backward is not refused here: the
-    write counts in its version, and that backward raises, as after any in-place operation.
-    Under a compiler only the mode's conditions are checked: the traced graph is functional.
-    """
-    if residual is not None:
+def check_inplace_mode(act: S.Epilogue | None, residual: bool) -> None:
+    """The memory-saving mode needs an invertible activation (none, or leaky_relu with a
+    slope > 0) and no residual: backward recovers xhat from y alone."""
+    if residual:
         raise ArgumentError("inplace=True (y written over the input) is not supported with a "
                             "residual: xhat could not be recovered from y alone")
     if act is not None and not act.invertible:
@@ -309,6 +300,21 @@ def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
             f"inplace=True (y written over the input) needs an invertible activation (None, "
             f"or leaky_relu with a negative_slope > 0), got {act.activation!r} with slope "
             f"{act.negative_slope}: backward recovers the normalized input from y")
+
+
+def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
+    """The memory-saving mode's conditions (contract §8), and torch's rules for an operation
+    that writes its input, checked before anything is written.
+
+    The mode's conditions are :func:`check_inplace_mode`'s. As torch's in-place operations,
+    it refuses a leaf that requires grad (or a view of one) while grad mode is on, an
+    inference tensor outside inference mode, an input whose elements share memory, and an
+    input sharing memory with ``others`` (the per-channel tensors). An input that another
+    operation saved for its backward is not refused here: the write counts in its version, and
+    that backward raises, as after any in-place operation. Under a compiler only the mode's
+    conditions are checked: the traced graph is functional.
+    """
+    check_inplace_mode(act, residual is not None)
     if torch.compiler.is_compiling() or x.is_meta:
         return  # the traced graph is functional; meta tensors hold no memory to overlap
     if x.is_inference() and not torch.is_inference_mode_enabled():
