@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from batchnorm import reference as ref  # noqa: E402
-from batchnorm._shapes import resolve_layout  # noqa: E402
+from batchnorm._shapes import Epilogue, resolve_layout  # noqa: E402
 from batchnorm.backends import gpu, select  # noqa: E402
 from conftest import assert_close, tolerance  # noqa: E402
 
@@ -424,3 +424,356 @@ def test_check_finite_through_batchnorm_torch():
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     with pytest.raises(FloatingPointError, match=r"channel\(s\) 2$"):
         batch_norm(bad, rm, rv, gamma, beta, False, 0.3, 1e-5, check_finite=True)
+
+
+# ----------------------------------------------------------------------------- fused forms
+
+# name -> (Epilogue or None, with a residual): every forward form of contract §8
+FORMS = {
+    "relu": (Epilogue("relu", 0.0), False),
+    "leaky_relu": (Epilogue("leaky_relu", 0.2), False),
+    "add": (None, True),
+    "add_relu": (Epilogue("relu", 0.0), True),
+    "add_leaky_relu": (Epilogue("leaky_relu", 0.05), True),
+}
+# (layout, dtype) pairs: every layout and both dtypes, not every product (the interpreter is
+# slow; the plain kernels' grid above covers the product)
+FUSED_CASES = [("nchw", torch.float32), ("nchw", torch.float16), ("nhwc", torch.float32),
+               ("nchw_channels_last", torch.float16), ("per_activation", torch.float32),
+               ("axis_not_adjacent", torch.float16)]
+FUSED_IDS = [f"{n}-{str(d)[6:]}" for n, d in FUSED_CASES]
+
+
+def make_z(x, seed=7):
+    """A residual like x (values of both signs, so the activation cuts some outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(x.shape, generator=gen) * 2).to(x.dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize(("name", "dtype"), FUSED_CASES, ids=FUSED_IDS)
+def test_fused_forward_against_the_reference(name, dtype, path):
+    """y = act(bn(x) + z) in training (every form) and inference (two), against the
+    reference's fused forms; the residual and x are left as they were."""
+    x, layout = make_x(name, dtype)
+    gamma, beta = params(layout)
+    z = make_z(x)
+    before = x.clone(), z.clone()
+    var = torch.linspace(0.5, 2, layout.channels).reshape(layout.param_shape).to(DEVICE)
+    for form, (epilogue, with_z) in FORMS.items():
+        res = z if with_z else None
+        y, mean, invstd, bad = gpu.forward_training(x, gamma, beta, layout, eps=1e-5,
+                                                    residual=res, epilogue=epilogue,
+                                                    check_finite=True)
+        y_r, mean_r, invstd_r, _ = ref.forward_training(
+            npy(x), npy(gamma), npy(beta), layout, eps=1e-5, residual=npy(res),
+            epilogue=epilogue)
+        assert y.dtype == dtype and not bad.any()
+        close(y, y_r, tolerance(dtype), f"{form} y")
+        close(invstd, invstd_r, STAT_TOL, f"{form} invstd")
+        if epilogue is not None:
+            assert (y_r < 0).any() or epilogue.activation == "relu"  # the form is exercised
+            assert (y_r == 0).any() or epilogue.activation != "relu"
+        if form not in ("leaky_relu", "add_relu"):
+            continue
+        y_i = gpu.forward_inference(x, gamma, beta, mean, var, layout, eps=1e-3, residual=res,
+                                    epilogue=epilogue)
+        y_ir = ref.forward_inference(npy(x), npy(gamma), npy(beta), npy(mean), npy(var),
+                                     layout, eps=1e-3, residual=npy(res), epilogue=epilogue)
+        close(y_i, y_ir, tolerance(dtype), f"{form} inference y")
+    assert torch.equal(x, before[0]) and torch.equal(z, before[1])
+
+
+def test_residual_with_other_strides_than_x(path):
+    """The residual is streamed with its own strides: NCHW z added to a channels-last x,
+    and a z that has no (A, C, B) view (copied)."""
+    x, layout = make_x("nchw_channels_last", torch.float32)
+    gamma, beta = params(layout)
+    for z in (make_z(x).contiguous(), make_z(x).transpose(2, 3).contiguous().transpose(2, 3)):
+        y, *_ = gpu.forward_training(x, gamma, beta, layout, eps=1e-5, residual=z,
+                                     epilogue=FORMS["add_relu"][0])
+        want = ref.forward_training(npy(x), npy(gamma), npy(beta), layout, eps=1e-5,
+                                    residual=npy(z), epilogue=FORMS["add_relu"][0])[0]
+        close(y, want, tolerance(torch.float32), "y")
+
+
+# name -> (Epilogue or None, residual, x kept): every backward form; without x the input
+# is recovered from y (the memory-saving mode: invertible activations, no residual)
+BACKWARD_FORMS = {
+    "relu": (Epilogue("relu", 0.0), False, True),
+    "leaky_relu": (Epilogue("leaky_relu", 0.2), False, True),
+    "add": (None, True, True),
+    "add_relu": (Epilogue("relu", 0.0), True, True),
+    "identity_from_y": (None, False, False),
+    "leaky_relu_from_y": (Epilogue("leaky_relu", 0.1), False, False),
+}
+
+
+@pytest.mark.parametrize(("name", "dtype"), FUSED_CASES, ids=FUSED_IDS)
+def test_fused_backward_against_the_reference(name, dtype, path):
+    """dx, dgamma, dbeta and dz of every backward form in training (two in inference, where
+    the partial-sums kernel writes dx and dz), against the reference given the same forward
+    output and statistics."""
+    x, layout = make_x(name, dtype)
+    dy, _ = make_x(name, dtype, seed=5, loc=0.0)
+    gamma, beta = params(layout)
+    z = make_z(x)
+    for form, (epilogue, with_z, keep_x) in BACKWARD_FORMS.items():
+        res = z if with_z else None
+        # the forward's output and statistics, from the reference (the gpu forward is
+        # tested above): y in x's dtype, mean and invstd in float32, as saved
+        y, mean, invstd, _ = ref.forward_training(npy(x), npy(gamma), npy(beta), layout,
+                                                  eps=1e-5, residual=npy(res),
+                                                  epilogue=epilogue)
+        y = torch.from_numpy(y).to(DEVICE)
+        mean, invstd = (torch.from_numpy(a).float().to(DEVICE) for a in (mean, invstd))
+        xin = x if keep_x else None
+        for training in (True, False) if form in ("add_relu", "leaky_relu_from_y") else (True,):
+            got = gpu.backward(dy, xin, gamma, mean, invstd, layout, training=training, y=y,
+                               beta=beta, epilogue=epilogue, residual=with_z)
+            want = ref.backward(npy(dy), npy(xin), npy(gamma), npy(mean), npy(invstd), layout,
+                                training=training, y=npy(y), beta=npy(beta),
+                                epilogue=epilogue, residual=with_z)
+            assert len(got) == len(want) == 3 + with_z
+            what = f"{form} training={training}"
+            close(got[0], want[0], tolerance(dtype), f"{what} dx")
+            close(got[1], want[1], (1e-4, 1e-4), f"{what} dgamma")
+            close(got[2], want[2], (1e-4, 1e-4), f"{what} dbeta")
+            if with_z:
+                assert got[3].dtype == dtype
+                close(got[3], want[3], tolerance(dtype), f"{what} dz")
+
+
+def test_backward_outputs_and_empty_input(path):
+    """dx and dz land in the given tensors (one through a buffer); a zero-size call returns
+    empty gradients, dz included."""
+    x, layout = make_x("nchw", torch.float32)
+    dy, _ = make_x("nchw", torch.float32, seed=5, loc=0.0)
+    epilogue = FORMS["add_relu"][0]
+    y, mean, invstd, _ = gpu.forward_training(x, None, None, layout, eps=1e-5,
+                                              residual=make_z(x), epilogue=epilogue)
+    out = torch.empty_like(x)
+    out_dz = torch.zeros(5, 3, 6, 4, device=DEVICE).transpose(2, 3)  # no (A, C, B) view
+    dx, dgamma, dbeta, dz = gpu.backward(dy, x, None, mean, invstd, layout, y=y,
+                                         epilogue=epilogue, residual=True, out=out,
+                                         out_dz=out_dz)
+    assert dx is out and dz is out_dz and dgamma is None
+    want = ref.backward(npy(dy), npy(x), None, npy(mean), npy(invstd), layout, y=npy(y),
+                        epilogue=epilogue, residual=True)
+    close(dx, want[0], tolerance(torch.float32), "dx")
+    close(dz, want[3], tolerance(torch.float32), "dz")
+
+    e = torch.empty((0, 3, 4), device=DEVICE)
+    el = resolve_layout(e.shape)
+    stat = torch.zeros(3, device=DEVICE)
+    dx, dgamma, dbeta, dz = gpu.backward(e, e, stat, stat, stat, el, y=e, epilogue=epilogue,
+                                         residual=True)
+    assert dx.shape == dz.shape == e.shape and torch.all(dbeta == 0)
+    assert gpu.forward_training(e, None, None, el, eps=1e-5, residual=e,
+                                epilogue=epilogue)[0].shape == e.shape
+
+
+@pytest.mark.parametrize(("form", "name"), [("identity", "nchw"), ("leaky_relu", "nhwc"),
+                                           ("leaky_relu", "axis_not_adjacent")])
+def test_in_place_is_out_of_place(form, name, path):
+    """The memory-saving mode: ``out=x`` writes the very bits the out-of-place call returns
+    (training, with the running statistics, and inference), and backward from that y
+    (x=None) agrees with backward from x."""
+    epilogue = None if form == "identity" else Epilogue("leaky_relu", 0.1)
+    x, layout = make_x(name, torch.float32)
+    dy, _ = make_x(name, torch.float32, seed=5, loc=0.0)
+    gamma, beta = params(layout)
+    rm, rv = torch.zeros(layout.param_shape), torch.ones(layout.param_shape)
+    rm_in, rv_in = rm.clone(), rv.clone()
+    y, mean, invstd, _ = gpu.forward_training(x, gamma, beta, layout, eps=1e-5,
+                                              running_mean=rm, running_var=rv,
+                                              epilogue=epilogue)
+    x_in = x.clone()
+    y_in, mean_in, invstd_in, _ = gpu.forward_training(
+        x_in, gamma, beta, layout, eps=1e-5, running_mean=rm_in, running_var=rv_in,
+        epilogue=epilogue, out=x_in)
+    assert y_in is x_in
+    for a, b in ((y, y_in), (mean, mean_in), (invstd, invstd_in), (rm, rm_in), (rv, rv_in)):
+        assert torch.equal(a, b)
+    x_inf = x.clone()
+    y_i = gpu.forward_inference(x, gamma, beta, rm, rv, layout, eps=1e-3, epilogue=epilogue)
+    assert gpu.forward_inference(x_inf, gamma, beta, rm, rv, layout, eps=1e-3,
+                                 epilogue=epilogue, out=x_inf) is x_inf
+    assert torch.equal(x_inf, y_i)
+
+    from_x = gpu.backward(dy, x, gamma, mean, invstd, layout, y=y, epilogue=epilogue)
+    from_y = gpu.backward(dy, None, gamma, mean, invstd, layout, y=y_in, beta=beta,
+                          epilogue=epilogue)
+    for what, a, b in zip(("dx", "dgamma", "dbeta"), from_x, from_y, strict=True):
+        close(a, b, (1e-4, 1e-4), what)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def test_gpu_module_matches_the_backend_protocol():
+    """Every function of protocol.Backend exists in the gpu module with the same parameter
+    names, kinds and defaults (callers pass them by keyword)."""
+    import inspect
+
+    from batchnorm.backends import protocol
+
+    assert isinstance(gpu, protocol.Backend) and gpu.NAME == "gpu"
+    names = [n for n, f in vars(protocol.Backend).items()
+             if inspect.isfunction(f) and not n.startswith("_")]
+    assert {"moments", "apply", "grad_sums", "grad_apply", "forward_training",
+            "forward_inference", "backward", "unavailable_reason"} <= set(names)
+    for n in names:
+        want = list(inspect.signature(getattr(protocol.Backend, n)).parameters.values())[1:]
+        got = list(inspect.signature(getattr(gpu, n)).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in got] == \
+            [(p.name, p.kind, p.default) for p in want], n
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "per_activation"])
+def test_phases_against_the_reference(name, path):
+    """Each phase alone, with every epilogue argument, against the reference's phase."""
+    x, layout = make_x(name, torch.float16)
+    dy, _ = make_x(name, torch.float16, seed=5, loc=0.0)
+    gamma, beta = params(layout)
+    count, mean, m2 = gpu.moments(x, layout)
+    count_r, mean_r, m2_r = ref.moments(npy(x), layout)
+    assert count == count_r and mean.dtype == m2.dtype == torch.float64
+    close(mean, mean_r, STAT_TOL, "mean")
+    close(m2, m2_r, STAT_TOL, "m2")
+    invstd = 1.0 / torch.sqrt(m2 / count + 1e-5)  # float64, as a merged statistic is
+    z = make_z(x)
+    epilogue = Epilogue("leaky_relu", 0.2)
+    y = gpu.apply(x, mean, invstd, gamma, beta, layout, residual=z, epilogue=epilogue)
+    y_r = ref.apply(npy(x), npy(mean), npy(invstd), npy(gamma), npy(beta), layout,
+                    residual=npy(z), epilogue=epilogue)
+    close(y, y_r, tolerance(torch.float16), "apply y")
+    for x_in in (x, None):  # x kept, and recovered from y
+        kw = dict(y=y, gamma=gamma, beta=beta, epilogue=epilogue)
+        sums = gpu.grad_sums(dy, x_in, mean, invstd, layout, **kw)
+        sums_r = ref.grad_sums(npy(dy), npy(x_in), npy(mean), npy(invstd), layout,
+                               **{k: npy(v) if k != "epilogue" else v for k, v in kw.items()})
+        for what, a, b in zip(("sum g", "sum g xhat"), sums, sums_r, strict=True):
+            assert a.dtype == torch.float32
+            close(a, b, (1e-4, 1e-4), what)
+        for training in (True, False):
+            dx, dz = gpu.grad_apply(dy, x_in, mean, invstd, gamma, sums, layout, count=count,
+                                    training=training, y=y, beta=beta, epilogue=epilogue,
+                                    want_dz=True)
+            dx_r, dz_r = ref.grad_apply(npy(dy), npy(x_in), npy(mean), npy(invstd),
+                                        npy(gamma), sums_r, layout, count=count,
+                                        training=training, y=npy(y), beta=npy(beta),
+                                        epilogue=epilogue, want_dz=True)
+            close(dx, dx_r, tolerance(torch.float16), f"dx training={training}")
+            close(dz, dz_r, tolerance(torch.float16), "dz")
+        assert gpu.grad_apply(dy, x_in, mean, invstd, gamma, sums, layout,
+                              count=count, y=y, beta=beta, epilogue=epilogue)[1] is None
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shards", [[4, 4], [5, 1, 3], [4, 0, 2]], ids=str)
+def test_shards_merged_by_chan_are_the_whole(shards, name):
+    """SyncBatchNorm's route on one process: moments of batch shards (uneven, one empty)
+    merged by Chan's formula, apply with the merged statistics, the gradient sums added over
+    shards and grad_apply with the global count: the whole batch's forward and backward."""
+    from batchnorm.backends.protocol import merge_moments
+
+    n = sum(shards)
+    gen = torch.Generator().manual_seed(3)
+    shape = (n, 3, 4, 6) if name == "nchw" else (n, 4, 6, 3)
+    axis = 1 if name == "nchw" else -1
+    x = (torch.randn(shape, generator=gen) * 2 + 3).to(DEVICE)
+    dy = torch.randn(shape, generator=gen).to(DEVICE)
+    z = torch.randn(shape, generator=gen).to(DEVICE)
+    layout = resolve_layout(shape, channel_axis=axis)
+    gamma, beta = params(layout)
+    epilogue = Epilogue("relu", 0.0)
+    cuts = np.cumsum([0, *shards])
+    parts = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    lay = [resolve_layout(tuple(x[s].shape), channel_axis=axis) for s in parts]
+
+    mom = [gpu.moments(x[s], ly) for s, ly in zip(parts, lay, strict=True)]
+    count, mean, m2 = merge_moments(torch.tensor([[float(m[0])] for m in mom],
+                                                 dtype=torch.float64),
+                                    torch.stack([m[1] for m in mom]),
+                                    torch.stack([m[2] for m in mom]))
+    assert count == n * layout.count // n * 1 == layout.count
+    whole = gpu.moments(x, layout)
+    close(mean, whole[1], STAT_TOL, "merged mean")
+    close(m2, whole[2], STAT_TOL, "merged m2")
+    invstd = 1.0 / torch.sqrt(m2 / count + 1e-5)
+    y = torch.cat([gpu.apply(x[s], mean, invstd, gamma, beta, ly, residual=z[s],
+                             epilogue=epilogue) for s, ly in zip(parts, lay, strict=True)])
+    y_r, mean_r, invstd_r, _ = ref.forward_training(npy(x), npy(gamma), npy(beta), layout,
+                                                    eps=1e-5, residual=npy(z),
+                                                    epilogue=epilogue)
+    close(y, y_r, tolerance(torch.float32), "y")
+
+    kw = dict(y=None, gamma=gamma, beta=beta, epilogue=epilogue)
+    local = [gpu.grad_sums(dy[s], x[s], mean, invstd, ly, **{**kw, "y": y[s]})
+             for s, ly in zip(parts, lay, strict=True)]
+    sums = tuple(sum(p[i] for p in local) for i in range(2))  # the all_reduce
+    grads = [gpu.grad_apply(dy[s], x[s], mean, invstd, gamma, sums, ly, count=int(count),
+                            y=y[s], beta=beta, epilogue=epilogue, want_dz=True)
+             for s, ly in zip(parts, lay, strict=True)]
+    dx_r, dgamma_r, dbeta_r, dz_r = ref.backward(npy(dy), npy(x), npy(gamma), mean_r,
+                                                 invstd_r, layout, y=npy(y), beta=npy(beta),
+                                                 epilogue=epilogue, residual=True)
+    close(sums[1], dgamma_r, (1e-4, 1e-4), "dgamma")
+    close(sums[0], dbeta_r, (1e-4, 1e-4), "dbeta")
+    close(torch.cat([g[0] for g in grads]), dx_r, tolerance(torch.float32), "dx")
+    close(torch.cat([g[1] for g in grads]), dz_r, tolerance(torch.float32), "dz")
+
+
+# ----------------------------------------------------------------------------- overflow
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+@pytest.mark.parametrize("spread", [1e20, 1e30])
+def test_spread_past_float32_squares(spread, name, path):
+    """A channel with standard deviation 1e20 or 1e30: its squares (1e40, 1e60) overflow
+    float32, its invstd (1e-20, 1e-30) does not. The answer is right and not flagged; the
+    other channels of a channels-last block are untouched; moments' m2 (float64) is right;
+    the float32 running variance holds the true value's float32, Inf."""
+    x, layout = make_x(name, torch.float32)
+    chan = (slice(None), 1) if name == "nchw" else (..., 1)
+    x[chan] = x[chan] * spread
+    gamma, beta = params(layout)
+    rv, rv_r = torch.ones(3), np.ones(3, np.float32)
+    y, mean, invstd, bad = gpu.forward_training(x, gamma, beta, layout, eps=1e-5,
+                                                running_var=rv, check_finite=True)
+    y_r, mean_r, invstd_r, _ = ref.forward_training(npy(x), npy(gamma), npy(beta), layout,
+                                                    eps=1e-5, running_var=rv_r)
+    assert not bad.any()
+    assert 0 < invstd[1] < 1e-19
+    close(invstd, invstd_r, STAT_TOL, "invstd")
+    close(mean, mean_r, (0, 1e-5), "mean")
+    close(y, y_r, tolerance(torch.float32), "y")
+    assert torch.isinf(rv[1]) and np.isinf(rv_r[1]) and torch.isfinite(rv[[0, 2]]).all()
+    _, m, m2 = gpu.moments(x, layout)
+    close(m2, ref.moments(npy(x), layout)[2], STAT_TOL, "moments m2")
+
+
+def test_sum_past_float32(path):
+    """Values near 4e36 in one channel: their sum passes float32's range, their mean does
+    not."""
+    x, layout = make_x("ncl_prime", torch.float32, loc=4.0)
+    x[:, 1] = x[:, 1] * 1e36
+    y, mean, invstd, bad = gpu.forward_training(x, None, None, layout, eps=1e-5,
+                                                check_finite=True)
+    y_r, mean_r, invstd_r, _ = ref.forward_training(npy(x), None, None, layout, eps=1e-5)
+    assert not bad.any()
+    close(mean, mean_r, STAT_TOL, "mean")
+    close(invstd, invstd_r, STAT_TOL, "invstd")
+    close(y, y_r, tolerance(torch.float32), "y")
+
+
+def test_spread_past_float32_itself_is_flagged(path):
+    """Values of +-3e38: the standard deviation itself passes float32 (sqrt(M2) overflows),
+    so invstd cannot be computed from float32 sums: the channel is reported, never a silent
+    invstd of 0."""
+    x, layout = make_x("nchw", torch.float32)
+    x[:, 2] = torch.where(torch.arange(x[:, 2].numel()).reshape(x[:, 2].shape) % 2 == 0,
+                          3e38, -3e38)
+    _, _, invstd, bad = gpu.forward_training(x, None, None, layout, eps=1e-5,
+                                             check_finite=True)
+    assert bad.tolist() == [False, False, True]
