@@ -8,6 +8,7 @@ CPU tensors run on the NumPy backends without copies; CUDA tensors run on the GP
 
 from .convert import convert_model, fold_batchnorm
 from .function import batch_norm
+from .fuse import FuseReport, fuse
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -24,10 +25,12 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "FuseReport",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
     "fold_batchnorm",
+    "fuse",
     "sync_batch_norm",
 ]
 
