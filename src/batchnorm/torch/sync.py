@@ -27,11 +27,13 @@ does for any other parameter. Backward is not itself differentiable (no double b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..backends.protocol import merge_moments
+from ..reference import inverse_std
 from . import _args, _ops
 from .function import _inference_stats, batch_norm
 from .modules import _Forward
@@ -75,7 +77,20 @@ def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
     )
 
 
-def _global_moments(x: torch.Tensor, moments, process_group, world_size: int):
+# The per-channel numbers between the phases live where the phases put them: NumPy arrays
+# when the backend runs on the host (CPU tensors), tensors on the device otherwise. Each step
+# below takes either; only the collectives need tensors (on x's device).
+
+
+def _pack(x: torch.Tensor, parts) -> torch.Tensor:
+    """One float64 tensor on x's device holding ``parts`` (per-channel arrays, flattened)."""
+    if isinstance(parts[0], np.ndarray):
+        flat = np.concatenate([np.ravel(p) for p in parts]).astype(np.float64, copy=False)
+        return torch.from_numpy(flat).to(x.device)
+    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+
+
+def _global_moments(x: torch.Tensor, host, moments, process_group, world_size: int):
     """Chan's merge of every rank's ``(count, mean [C], m2 [C])`` from one all_gather.
 
     The pack ``[count, mean, m2]`` is float64 whatever the input: counts stay exact beyond
@@ -83,32 +98,43 @@ def _global_moments(x: torch.Tensor, moments, process_group, world_size: int):
 
     Returns:
         the global count (a Python int: a device read on GPUs), mean [C] and m2 [C] (float64,
-        on x's device; zeros when the count is 0).
+        in the phases' space; zeros when the count is 0).
     """
     count, mean, m2 = moments
-    f64 = torch.float64
-    packed = torch.cat([torch.tensor([float(count)], dtype=f64, device=x.device),
-                        _ops._tensor(mean, x, f64).reshape(-1), _ops._tensor(m2, x, f64)
-                        .reshape(-1)])
-    rows = [torch.empty_like(packed) for _ in range(world_size)]
-    dist.all_gather(rows, packed, group=process_group)
-    table = torch.stack(rows)
-    c = mean.shape[0]
-    n, mean, m2 = merge_moments(table[:, :1], table[:, 1:1 + c], table[:, 1 + c:])
+    c = np.size(mean) if isinstance(mean, np.ndarray) else mean.numel()
+    lead = np.full(1, float(count)) if isinstance(mean, np.ndarray) else mean.new_full(
+        (1,), float(count))
+    packed = _pack(x, (lead, mean, m2))
+    table = torch.empty((world_size, 2 * c + 1), dtype=torch.float64, device=x.device)
+    dist.all_gather(list(table.unbind(0)), packed, group=process_group)
+    rows = host(table)
+    n, mean, m2 = merge_moments(rows[:, :1], rows[:, 1:1 + c], rows[:, 1 + c:])
     return int(n), mean, m2
 
 
-def _fused_kw(**kw) -> dict:
-    """The epilogue's keywords, only those used: the phases of plain batch norm take none."""
-    return {k: v for k, v in kw.items() if v is not None}
+def _inverse_std(var, eps: float):
+    """1 / sqrt(var + eps), 0 where var + eps == 0 (contract §4), float64 as var."""
+    if isinstance(var, np.ndarray):
+        return inverse_std(var, eps)
+    return _inference_stats(var, var, eps, torch.float64)[1]
+
+
+def _update_running(running, momentum: float, value) -> None:
+    """running = (1 - m) * running + m * value, computed in float64 (contract §3)."""
+    if running is None:
+        return
+    if isinstance(running, np.ndarray):
+        running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * value
+    else:
+        running.copy_((1.0 - momentum) * running.double() + momentum * value)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = act(weight * xhat + bias + residual) with the group's statistics, on the phases.
 
     Inputs x, weight, bias, residual and one tuple of the rest (running statistics, eps,
-    momentum, batches, group, world size, epilogue). Saves x, weight, the statistics, and y
-    when there is an activation (its sign gives act').
+    momentum, batches, group, world size, epilogue). Saves x, weight, and y when there is an
+    activation (its sign gives act'); the float64 statistics are kept beside them.
     """
 
     @staticmethod
@@ -122,7 +148,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         host = _ops._Host(pl)
         xa = host(x)
         backend = pl.backend or _ops._backend(xa)
-        n, mean, m2 = _global_moments(x, backend.moments(xa, layout), group, world)
+        n, mean, m2 = _global_moments(x, host, backend.moments(xa, layout), group, world)
         # Decided after the collective, from numbers every rank holds: all raise or none does.
         if n == 1:
             raise ValueError(
@@ -132,28 +158,25 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
             momentum = 1.0 / max(float(batches), 1.0)
         if n > 0:
-            # contract §4: invstd = 0 where var + eps == 0 (constant channel, eps = 0), not inf
-            mean, invstd = _inference_stats(mean, m2 / n, eps, torch.float64)
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype),
-                                                         alpha=momentum)
-                if running_var is not None:
-                    running_var.mul_(1 - momentum).add_((m2 / (n - 1)).to(running_var.dtype),
-                                                        alpha=momentum)
+            invstd = _inverse_std(m2 / n, eps)
+            _update_running(host(running_mean, writeback=True), momentum, mean)
+            _update_running(host(running_var, writeback=True), momentum, m2 / (n - 1))
         else:  # every shard empty: contract §5, saved stats 0, running stats unchanged
-            invstd = torch.zeros_like(mean)
-        mean, invstd = mean.to(pl.sdt), invstd.to(pl.sdt)
+            invstd = mean * 0
 
         y = _ops._output_like(x)
-        backend.apply(xa, host(mean), host(invstd), host(weight), host(bias), layout,
+        backend.apply(xa, mean, invstd, host(weight), host(bias), layout,
                       out=host(y, writeback=True),
-                      **_fused_kw(residual=host(residual), epilogue=epilogue))
+                      **_ops._epilogue_kw(host(residual), epilogue))
         host.finish()
+        for running in (running_mean, running_var):
+            if running is not None:  # written through NumPy: count the write, as torch would
+                torch.autograd.graph.increment_version(running)
         y = _ops._as(y, x.dtype)
 
-        ctx.save_for_backward(x, weight, mean, invstd, y if epilogue is not None else None)
-        ctx.plan, ctx.count, ctx.group, ctx.epilogue = pl, n, group, epilogue
+        ctx.save_for_backward(x, weight, y if epilogue is not None else None)
+        ctx.stats, ctx.plan, ctx.count = (mean, invstd), pl, n
+        ctx.group, ctx.epilogue = group, epilogue
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual = residual is not None
         return y
@@ -161,29 +184,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd, y = ctx.saved_tensors
+        x, weight, y = ctx.saved_tensors
+        mean, invstd = ctx.stats
         pl = ctx.plan
         layout = pl.layout
         host = _ops._Host(pl)
         xa, dya = host(x), host(dy)
         backend = pl.backend or _ops._backend(xa)
-        mean_a, invstd_a = host(mean), host(invstd)
-        fused = _fused_kw(y=host(y), epilogue=ctx.epilogue)
-        local = backend.grad_sums(dya, xa, mean_a, invstd_a, layout, **fused)
+        # with an activation, act' is read off y's sign (contract §8)
+        fused = {} if ctx.epilogue is None else {"y": host(y), "epilogue": ctx.epilogue}
+        local = backend.grad_sums(dya, xa, mean, invstd, layout, **fused)
         # dgamma / dbeta are this rank's share (DDP averages them); only dx needs the sums
         # over the whole group, in one packed all-reduce.
-        f64, c = torch.float64, layout.channels
-        packed = torch.cat([_ops._tensor(s, x, f64).reshape(-1) for s in local])
+        packed = _pack(x, local)
         dist.all_reduce(packed, group=ctx.group)
-        sums = (host(packed[:c]), host(packed[c:]))
+        total = host(packed)
+        c = layout.channels
 
         dx = _ops._output_like(x)
         dz = _ops._output_like(x) if ctx.residual else None
         if dz is not None:
             fused.update(out_dz=host(dz, writeback=True), want_dz=True)
-        backend.grad_apply(dya, xa, mean_a, invstd_a, host(weight), sums, layout,
-                           count=ctx.count, training=True, out=host(dx, writeback=True),
-                           **fused)
+        backend.grad_apply(dya, xa, mean, invstd, host(weight), (total[:c], total[c:]),
+                           layout, count=ctx.count, training=True,
+                           out=host(dx, writeback=True), **fused)
         host.finish()
 
         need = ctx.needs_input_grad
