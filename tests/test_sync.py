@@ -120,22 +120,22 @@ def _check_against_plain(
         x = x.contiguous(memory_format=fmt)
     x.requires_grad_(True)
 
-    fused = activation is not None or residual
-    if functional or fused:
+    if functional:
         w = gamma.clone().requires_grad_(True) if affine else None
         b = beta.clone().requires_grad_(True) if affine else None
         rm, rv = rm0.clone(), rv0.clone()
         y = sync_batch_norm(x, rm, rv, w, b, True, momentum, 1e-5, group,
                             activation=activation, negative_slope=negative_slope, residual=z)
     else:
-        m = SyncBatchNorm(c, momentum=momentum, affine=affine, process_group=group, dtype=dtype)
+        m = SyncBatchNorm(c, momentum=momentum, affine=affine, process_group=group, dtype=dtype,
+                          activation=activation, negative_slope=negative_slope)
         with torch.no_grad():
             m.running_mean.copy_(rm0)
             m.running_var.copy_(rv0)
             if affine:
                 m.weight.copy_(gamma)
                 m.bias.copy_(beta)
-        y = m(x)
+        y = m(x, z)
         w, b, rm, rv = m.weight, m.bias, m.running_mean, m.running_var
     y.backward(dy)
 
@@ -196,6 +196,8 @@ def _world_even(rank, world):
     _check_against_plain(rank, (4, 4), (3, 5, 6), dtype=torch.float32, channels_last=True,
                          activation="leaky_relu", negative_slope=0.2, seed=11)
     _check_against_plain(rank, (5, 2), (3, 7), residual=True, affine=False, seed=12)
+    _check_against_plain(rank, (2, 5), (3, 4, 4), activation="relu", residual=True,
+                         functional=True, seed=17)
     _check_against_plain(rank, sizes, (4, 5, 6))
     _check_against_plain(rank, sizes, (4, 5, 6), channels_last=True, seed=1)
     _check_against_plain(rank, sizes, (3, 2, 3, 4), channels_last=True, seed=2)  # 3d
@@ -367,10 +369,20 @@ def _small_net(sync: bool):
 
 
 def _world_ddp(rank, world, steps):
+    import batchnorm.torch as bnt
+
+    _ddp_steps(rank, world, steps, _small_net(sync=True))
+    # fused: each BN -> ReLU a SyncBatchNorm with the activation
+    fused, report = bnt.fuse(_small_net(sync=True), report=True)
+    assert len(report.fused) == 2 and report.left == ()
+    _ddp_steps(rank, world, steps, fused)
+
+
+def _ddp_steps(rank, world, steps, net):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ref = _small_net(sync=False)
-    model = DDP(_small_net(sync=True))
+    model = DDP(net)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -464,6 +476,23 @@ def test_from_batchnorm_keeps_state(cls, track):
     tail = {torch.nn.BatchNorm1d: (), torch.nn.BatchNorm2d: (4, 4), torch.nn.BatchNorm3d: (3, 3, 3)}
     x = torch.randn(3, 5, *tail[cls], dtype=torch.float64)
     _close("eval y", s(x), bn(x), torch.float64)
+
+
+def test_from_batchnorm_keeps_a_fused_layers_activation():
+    import batchnorm.torch as bnt
+
+    act = bnt.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2, inplace=True,
+                             dtype=torch.float64)
+    s = SyncBatchNorm.from_batchnorm(act)
+    assert (s.activation, s.negative_slope) == ("leaky_relu", 0.2)
+    assert "activation='leaky_relu', negative_slope=0.2" in repr(s)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    z = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    want = F.leaky_relu(F.batch_norm(x, None, None, training=True) + z, 0.2)
+    _close("y", s(x, z), want, torch.float64)  # no process group: the local batch
+    assert SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(4)).activation is None
+    with pytest.raises(ValueError, match="negative_slope"):
+        SyncBatchNorm(4, activation="leaky_relu", negative_slope=-1.0)
 
 
 def test_from_batchnorm_without_affine_and_refusals():

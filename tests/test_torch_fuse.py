@@ -442,15 +442,47 @@ def test_classes_that_are_not_plain_batch_norms_are_left():
 
     model = nn.Sequential(
         nn.Conv2d(3, 3, 1), MyBN(3), nn.ReLU(),
-        nn.Conv2d(3, 3, 1), bnt.SyncBatchNorm(3), nn.ReLU(),
+        nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3), nn.ReLU(),
         nn.Conv2d(3, 3, 1), bnt.BatchNormAct2d(3, activation=None), nn.ReLU(),
-        nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+        nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 3, 1), bnt.SyncBatchNorm(3, activation="relu"), nn.ReLU())
     model[10].register_forward_hook(lambda *a: None)
+    model.eval()  # torch.nn.SyncBatchNorm runs on CPU tensors in eval mode only
     left = _left(model)
-    assert left["1"].startswith("its class MyBN is not torch.nn's or this library's")
-    assert left["4"].startswith("its class SyncBatchNorm is not")
-    assert left["7"] == "it is already a fused layer"
+    assert left["1"].startswith("its class test_torch_fuse.test_classes_that_are_not_plain_"
+                                "batch_norms_are_left.<locals>.MyBN is not one that fuse "
+                                "replaces")
+    assert left["4"].startswith("its class torch.nn.modules.batchnorm.SyncBatchNorm is not")
+    assert left["7"] == left["13"] == "it is already a fused layer"
     assert left["10"].startswith("it has hooks")
+
+
+def test_sync_batch_norms_are_fused_into_synchronized_layers_with_the_activation():
+    torch.manual_seed(0)
+    model = bnt.convert_model(init(small_resnet().to(F64)), sync=True)
+    original, fused, report = fused_copy(model, inplace=True)
+    assert len(report.fused) == 8
+    layers = [m for m in fused.modules() if isinstance(m, bnt.SyncBatchNorm)]
+    assert len(layers) == 10 and {m.activation for m in layers} == {None, "relu"}
+    assert all(not isinstance(m, FUSED) for m in fused.modules())
+    # without an initialized process group the layers normalize the local batch
+    train_alike(original, fused, (4, 3, 8, 8), classes=5)
+    # a LeakyReLU chain of a SyncBatchNorm: fused, not in place
+    leaky = nn.Sequential(nn.Conv2d(3, 3, 1), bnt.SyncBatchNorm(3), nn.LeakyReLU(0.1))
+    _, report = fuse(leaky, inplace=True, report=True)
+    assert dict(report.not_in_place) == {"1": "SyncBatchNorm has no memory-saving mode"}
+
+
+def test_convert_model_sync_keeps_the_fused_layers_activation():
+    torch.manual_seed(0)
+    model = init(small_resnet().to(F64))
+    fused = fuse(bnt.convert_model(model), inplace=True)
+    synced = bnt.convert_model(copy.deepcopy(fused), sync=True)
+    acts = [(n, m.activation) for n, m in fused.named_modules() if isinstance(m, FUSED)]
+    assert len(acts) == 8
+    assert [(n, synced.get_submodule(n).activation) for n, _ in acts] == acts
+    assert all(type(synced.get_submodule(n)) is bnt.SyncBatchNorm for n, _ in acts)
+    train_alike(fused, synced, (4, 3, 8, 8), classes=5)
 
 
 def test_a_batch_norm_called_twice_is_fused_only_when_every_call_chains_alike():

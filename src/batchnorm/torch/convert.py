@@ -11,11 +11,21 @@ import torch
 from torch import nn
 
 from . import _fx
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _Forward
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    _Forward,
+)
 
 _log = logging.getLogger("batchnorm.torch")
 
 _OURS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+# What sync=True replaces: torch.nn's, ours, and our fused layers (their activation kept)
+_SYNCABLE = (*_OURS, *_OURS.values(), BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -39,7 +49,7 @@ def shared_copy(bn: nn.Module, cls: type, **kwargs) -> nn.Module:
 def _replacement(bn: nn.Module, sync: bool, process_group) -> nn.Module | None:
     """Our module for ``bn``, sharing its parameters and buffers; None to keep ``bn``."""
     if sync:
-        if type(bn) in _OURS or type(bn) in _OURS.values():
+        if type(bn) in _SYNCABLE:
             from .sync import SyncBatchNorm
 
             return SyncBatchNorm.from_batchnorm(bn, process_group)

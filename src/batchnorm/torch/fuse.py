@@ -9,9 +9,10 @@ one call of a ``BatchNormAct1d/2d/3d`` (contract §8), and the result is a ``tor
 
 What a chain is. A batch norm whose output has one use, an activation (ReLU, or LeakyReLU with
 a constant slope >= 0), or an add whose result has one use, an activation. A batch norm is
-fused when it is ``torch.nn``'s or this library's ``BatchNorm1d/2d/3d`` (exact classes: a
-subclass may override ``forward``) and every call of it in ``forward`` heads a chain with the
-same activation. Everything else is left as it was, with the reason in the report.
+fused when it is ``torch.nn``'s or this library's ``BatchNorm1d/2d/3d`` or this library's
+``SyncBatchNorm`` (exact classes: a subclass may override ``forward``) and every call of it in
+``forward`` heads a chain with the same activation; a ``SyncBatchNorm`` stays one, with the
+activation. Everything else is left as it was, with the reason in the report.
 
 The add's other operand becomes the fused layer's residual, which must have the batch norm's
 input shape and dtype. Tracing gives no shapes: with ``example_inputs`` they are propagated
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, overload
@@ -213,15 +215,16 @@ def _meta(node) -> object | None:
 def fused_residual(bn: nn.Module, x: Tensor, z, activation: str,
                    negative_slope: float) -> Tensor:
     """``act(bn(x) + z)`` in the fused layer ``bn`` when ``z`` can be its residual (a tensor of
-    x's shape, dtype and device); otherwise computed unfused, as the original model did, with
-    torch.nn's batch-norm forward on ``bn``'s parameters and buffers.
+    x's shape, dtype and device); otherwise computed unfused, as the original model did: the
+    layer's batch norm alone (its ``_batch_norm``, synchronized for a ``SyncBatchNorm`` in
+    training), then the add and the activation.
 
     The graph calls this where the shapes were unknown when the model was fused.
     """
     if (isinstance(z, Tensor) and z.shape == x.shape and z.dtype == x.dtype
             and z.device == x.device):
         return bn(x, z)
-    pre = nn.modules.batchnorm._BatchNorm.forward(bn, x) + z
+    pre = bn._batch_norm(x, *bn._prepare(x)) + z
     return F.relu(pre) if activation == "relu" else F.leaky_relu(pre, negative_slope)
 
 
@@ -266,11 +269,21 @@ class _Plan:
     overwrite: str | None = "not asked for"  # why not in place; None: in place
 
 
+def _is_sync(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly this library's SyncBatchNorm (imported on first use, as
+    it needs torch.distributed: a model holding one has imported it)."""
+    sync = sys.modules.get(f"{__package__}.sync")
+    return sync is not None and type(module) is sync.SyncBatchNorm
+
+
 def fused_layer(bn: nn.Module, epilogue: S.Epilogue, inplace: bool) -> nn.Module:
-    """The ``BatchNormAct*d`` standing for ``bn`` followed by ``epilogue``, sharing ``bn``'s
-    parameters and buffers."""
-    return shared_copy(bn, _FUSED[type(bn)], activation=epilogue.activation,
-                       negative_slope=epilogue.negative_slope, inplace=inplace)
+    """The layer standing for ``bn`` followed by ``epilogue``, sharing ``bn``'s parameters and
+    buffers: a ``BatchNormAct*d``, or for a ``SyncBatchNorm`` one with the activation (it has
+    no memory-saving mode)."""
+    fused = dict(activation=epilogue.activation, negative_slope=epilogue.negative_slope)
+    if _is_sync(bn):
+        return shared_copy(bn, type(bn), process_group=bn.process_group, **fused)
+    return shared_copy(bn, _FUSED[type(bn)], inplace=inplace, **fused)
 
 
 class _Fuser:
@@ -319,11 +332,14 @@ class _Fuser:
         return plan
 
     def _module_reason(self, module: nn.Module) -> str | None:
-        if isinstance(module, _ALREADY_FUSED):
+        if isinstance(module, _ALREADY_FUSED) or (
+                _is_sync(module) and module.activation is not None):
             return "it is already a fused layer"
-        if type(module) not in _FUSED:
-            return (f"its class {type(module).__name__} is not torch.nn's or this library's "
-                    "BatchNorm1d/2d/3d (another class may compute something else in forward)")
+        if type(module) not in _FUSED and not _is_sync(module):
+            cls = type(module)
+            return (f"its class {cls.__module__}.{cls.__qualname__} is not one that fuse "
+                    "replaces (torch.nn's or this library's BatchNorm1d/2d/3d, this library's "
+                    "SyncBatchNorm): another class may compute something else in forward")
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return "it has hooks, which would see the fused layer's output instead of its own"
         return None
@@ -358,6 +374,8 @@ class _Fuser:
                 continue
             if self.inplace:
                 reasons = [self.finder.overwrite_reason(c) for c in plan.chains]
+                if _is_sync(plan.module):
+                    reasons.insert(0, "SyncBatchNorm has no memory-saving mode")
                 plan.overwrite = next((r for r in reasons if r is not None), None)
             fused = self.build(plan.module, plan.chains[0].epilogue, plan.overwrite is None)
             for path in _fx.paths(self.root, plan.module):

@@ -288,7 +288,15 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
     common base ``_BatchNorm`` rather than from ``torch.nn.SyncBatchNorm`` itself because
     DistributedDataParallel refuses any ``torch.nn.SyncBatchNorm`` instance in a CPU module.
     The forward is :class:`batchnorm.torch.BatchNorm2d`'s; only training synchronizes.
+
+    ``activation`` (None, the default, ``"relu"`` or ``"leaky_relu"``) and ``negative_slope``
+    make it the synchronized form of ``BatchNormAct*d`` (contract §8): ``forward(input,
+    residual=None)`` returns ``act(bn(input) + residual)``. They are plain attributes, not
+    part of the state dict. There is no memory-saving mode (``inplace``) here.
     """
+
+    activation = None
+    negative_slope = 0.01
 
     def __init__(
         self,
@@ -300,23 +308,45 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        _args.epilogue(activation, negative_slope)  # refused here, not on the first call
+        self.activation, self.negative_slope = activation, float(negative_slope)
         self.process_group = process_group
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _batch_norm(self, input, running_mean, running_var, training, momentum, batches):
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = act(bn(input) + residual) (without an activation and a residual, batch norm);
+        ``residual`` has the input's shape, dtype and device."""
+        return self._batch_norm(input, *self._prepare(input), residual=residual,
+                                activation=self.activation, negative_slope=self.negative_slope)
+
+    def _batch_norm(self, input, running_mean, running_var, training, momentum, batches, *,
+                    residual=None, activation=None, negative_slope=0.01):
+        fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
         if not self.training:  # eval is local, also when it normalizes by this shard's batch
-            return super()._batch_norm(input, running_mean, running_var, training, momentum,
-                                       batches)
+            return batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                              training, momentum, self.eps, batches=batches,
+                              check_finite=self.check_finite, **fused)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                training, momentum, self.eps, self.process_group,
-                               batches=batches)
+                               batches=batches, **fused)
 
     @classmethod
     def from_batchnorm(cls, module: torch.nn.modules.batchnorm._BatchNorm, process_group=None):
@@ -326,6 +356,10 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
         ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), so device, dtype,
         requires_grad and values carry over and an optimizer built before the conversion
         still updates them; the training flag is copied.
+
+        A fused layer (``BatchNormAct*d``, or a SyncBatchNorm with an activation) keeps its
+        activation; its memory-saving mode does not carry over (the synchronized layer keeps
+        its input for backward, and does not clamp ``|weight|``).
 
         Args:
             module: any ``torch.nn`` BatchNorm1d/2d/3d or SyncBatchNorm, or a subclass.
@@ -345,6 +379,8 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
             module.track_running_stats,
             process_group,
             device="meta",
+            activation=getattr(module, "activation", None),
+            negative_slope=getattr(module, "negative_slope", 0.01),
         )
         if module.affine:
             new.weight = module.weight
