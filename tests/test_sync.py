@@ -228,9 +228,16 @@ def _world_even(rank, world):
         m = SyncBatchNorm(4, dtype=torch.float64)
         x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
         m(x).sum().backward()
-        # the CPU backend's phases, with one collective between each pair
-        assert calls == ["all_gather", "moments", "all_gather", "apply", "grad_sums",
-                         "all_reduce", "grad_apply"], calls
+        # the CPU backend's phases, with one collective between each pair; the header
+        # (C, dtype) first, on the layer's first call only
+        phases = ["moments", "all_gather", "apply", "grad_sums", "all_reduce", "grad_apply"]
+        assert calls == ["all_gather", *phases], calls
+        calls.clear()
+        m(x).sum().backward()
+        assert calls == phases, calls
+        calls.clear()
+        sync_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)  # nothing pins C
+        assert calls[:2] == ["all_gather", "moments"], calls
         calls.clear()
         m.eval()
         want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
@@ -312,6 +319,15 @@ def _world_disagreeing(rank, world):
     with pytest.raises(ValueError, match="disagree on the input's dtype"):
         sync_batch_norm(torch.randn(4, 3, dtype=dtype), None, None, None, None, True, 0.1,
                         1e-5)
+    # a layer whose C the group agreed on: the dtype, compared after the moments
+    m = SyncBatchNorm(3, dtype=torch.float64)
+    m(torch.randn(4, 3, 5, dtype=torch.float64))
+    if rank == 1:
+        m.float()
+    with pytest.raises(ValueError, match=r"disagree on the input's dtype \(rank 0: "
+                                         r"torch.float64, rank 1: torch.float32\)"):
+        m(torch.randn(4, 3, 5, dtype=m.weight.dtype))
+    assert int(m.num_batches_tracked) == 2
     _check_against_plain(rank, (3, 2), (4, 5))  # the group still works
 
 

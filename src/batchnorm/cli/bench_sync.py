@@ -4,12 +4,13 @@ Each of ``--processes`` processes (2 by default, ``--threads`` split between the
 shard of ResNet-50's BN shapes (``--batch`` x ``--image``, batch 8 at 128x128 by default: the
 shape is each process's own) and times, in rounds of alternating order, through autograd:
 
-- ``sync``: ``SyncBatchNorm`` forward + backward (the backend's phases and the three
+- ``sync``: ``SyncBatchNorm`` forward + backward (the backend's phases and the
   collectives in between);
 - ``local``: the same shard through this library's ``BatchNorm2d``, no communication;
 - ``torch``: the same shard through ``torch.nn.BatchNorm2d``;
-- ``collectives``: the three collectives alone, with SyncBatchNorm's sizes (the header
-  all_gather, the moments' all_gather of 2C + 1 float64, the all_reduce of 2C).
+- ``collectives``: the two collectives of a layer's every call alone, with SyncBatchNorm's
+  sizes (the moments' all_gather of 2C + 2 float64, the all_reduce of 2C; the header of a
+  layer's first call falls in the warm-up).
 
 The headline is the per-round ratio ``(sync - collectives) / local``: what synchronizing costs
 beyond the communication itself. Every process runs the same fixed number of rounds (its
@@ -47,17 +48,16 @@ def _free_port() -> int:
 
 
 def _collectives(c: int, world: int, device):
-    """SyncBatchNorm's three collectives for C channels, alone: the callable that runs them."""
+    """SyncBatchNorm's collectives for C channels, alone: the callable that runs them."""
     import torch
     import torch.distributed as dist
 
-    header = torch.zeros(2, dtype=torch.int64, device=device)
-    moments = torch.zeros(2 * c + 1, dtype=torch.float64, device=device)
+    moments = torch.zeros(2 * c + 2, dtype=torch.float64, device=device)
     sums = torch.zeros(2 * c, dtype=torch.float64, device=device)
 
     def run() -> None:
-        dist.all_gather([torch.empty_like(header) for _ in range(world)], header)
-        dist.all_gather([torch.empty_like(moments) for _ in range(world)], moments)
+        table = torch.empty((world, 2 * c + 2), dtype=torch.float64, device=device)
+        dist.all_gather(list(table.unbind(0)), moments)
         dist.all_reduce(sums)
     return run
 
@@ -208,7 +208,7 @@ def _print(rows, world, threads, batch, image) -> None:
     console(f"batchnorm bench --sync: SyncBatchNorm forward + backward on {world} gloo "
             f"processes ({threads} thread(s) each), each holding a {batch}x...x{image}-image "
             f"shard of ResNet-50's BN shapes, float32; {M.device()}; {M.versions()}")
-    console("ms = median per call through autograd; collectives = the three collectives "
+    console("ms = median per call through autograd; collectives = the layer's two collectives "
             "alone; beyond = median over rounds of (sync - collectives) / local; total = "
             "the shapes weighted by their number of layers")
     body = [[r["shape"], r["layout"], str(r["layers"]),

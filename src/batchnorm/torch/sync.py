@@ -4,13 +4,15 @@ Each process holds a shard of the global batch. Batch norm is two reductions, ea
 an element-wise pass (:mod:`batchnorm.backends.protocol`); here every reduction's per-channel
 result crosses the group before the pass that needs it:
 
-- forward: a fixed-size header from every process (the number of channels and the dtype), so
-  that processes which disagree all raise the same error instead of meeting in a collective
-  of mismatched sizes; then the backend's ``moments`` of this shard, one ``all_gather`` of
-  every shard's ``(count, mean, m2)``, Chan's merge (:func:`protocol.merge_moments`: shards of
-  any size, empty ones included, give exactly the statistics of the concatenated batch), the
-  running update with the global count, and the backend's ``apply`` (with the epilogue:
-  residual add and activation, contract §8);
+- forward: on a layer's first call, a fixed-size header from every process (the number of
+  channels and the dtype), so that processes which disagree all raise the same error instead
+  of meeting in a collective of mismatched sizes (afterwards the layer's weight or running
+  statistics pin C, and the dtype travels with the moments); then the backend's ``moments``
+  of this shard, one ``all_gather`` of every shard's ``(count, dtype, mean, m2)``, Chan's
+  merge (:func:`protocol.merge_moments`: shards of any size, empty ones included, give
+  exactly the statistics of the concatenated batch), the running update with the global
+  count, and the backend's ``apply`` (with the epilogue: residual add and activation,
+  contract §8);
 - backward: the backend's ``grad_sums`` of this shard, one ``all_reduce`` of them, and the
   backend's ``grad_apply`` with the global count (and dz for the residual).
 
@@ -26,6 +28,8 @@ does for any other parameter. Backward is not itself differentiable (no double b
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -47,15 +51,25 @@ def _world_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
-# The header every process sends first: its number of channels and its dtype's code.
+# Each process's dtype travels as a code: in the header, and beside its moments.
 _DTYPE_CODES = {dt: i for i, dt in enumerate(_args.INPUT_DTYPES)}
 
 
-def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
+def _disagreement(what: str, values: list, process_group, world_size: int) -> None:
+    """Raise the error every process of the group raises alike when they disagree."""
+    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
+             else range(world_size))
+    listed = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, values, strict=True))
+    raise _args.ArgumentError(
+        f"SyncBatchNorm: the processes of the group disagree on the input's {what} ({listed}); "
+        "every process must normalize the same channels in the same dtype"
+    )
+
+
+def _check_header(x: torch.Tensor, process_group, world_size: int) -> None:
     """Every process's (C, dtype) in one fixed-size all_gather; if they differ, every process
-    raises the same error. The collectives after it have sizes and dtypes that depend on
-    them, and a collective whose sizes differ between processes is undefined (gloo aborts
-    the process); so the header cannot share the moments' collective, whose size is 2C + 1.
+    raises the same error. The moments' collective has a size that depends on C, and a
+    collective whose sizes differ between processes is undefined (gloo aborts the process).
     """
     header = torch.tensor([x.shape[1], _DTYPE_CODES[x.dtype]], dtype=torch.int64,
                           device=x.device)
@@ -64,17 +78,32 @@ def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
     table = torch.stack(rows).tolist()  # a device read on GPUs (the moments need one too)
     channels = [c for c, _ in table]
     dtypes = [_args.INPUT_DTYPES[d] for _, d in table]
-    if len(set(channels)) == 1 and len(set(dtypes)) == 1:
+    if len(set(channels)) > 1:
+        _disagreement("number of channels", channels, process_group, world_size)
+    if len(set(dtypes)) > 1:
+        _disagreement("dtype", dtypes, process_group, world_size)
+
+
+# The per-channel tensors (a layer's weight or running statistics) whose C every process of a
+# group has agreed on: {id(tensor): {group, ...}}. A call validates C against such a tensor
+# before any collective, so once agreed, C cannot differ again and the header's collective
+# is skipped; the dtype still travels with the moments and is compared after them.
+_AGREED: dict[int, set] = {}
+
+
+def _check_agreement(x: torch.Tensor, pin: torch.Tensor | None, process_group,
+                     world_size: int) -> None:
+    """The header's collective, unless ``pin`` (a per-channel tensor this call was validated
+    against) has already been agreed on in this group."""
+    key = id(pin)
+    if pin is not None and process_group in _AGREED.get(key, ()):
         return
-    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
-             else range(world_size))
-    what = "number of channels" if len(set(channels)) > 1 else "dtype"
-    got = channels if what == "number of channels" else dtypes
-    listed = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, got, strict=True))
-    raise _args.ArgumentError(
-        f"SyncBatchNorm: the processes of the group disagree on the input's {what} ({listed}); "
-        "every process must normalize the same channels in the same dtype"
-    )
+    _check_header(x, process_group, world_size)
+    if pin is not None:
+        if key not in _AGREED:
+            _AGREED[key] = set()
+            weakref.finalize(pin, _AGREED.pop, key, None)
+        _AGREED[key].add(process_group)
 
 
 # The per-channel numbers between the phases live where the phases put them: NumPy arrays
@@ -93,8 +122,9 @@ def _pack(x: torch.Tensor, parts) -> torch.Tensor:
 def _global_moments(x: torch.Tensor, host, moments, process_group, world_size: int):
     """Chan's merge of every rank's ``(count, mean [C], m2 [C])`` from one all_gather.
 
-    The pack ``[count, mean, m2]`` is float64 whatever the input: counts stay exact beyond
-    2**24 and the merge loses nothing; it is only 2C + 1 numbers per rank.
+    The pack ``[count, dtype code, mean, m2]`` is float64 whatever the input: counts stay
+    exact beyond 2**24 and the merge loses nothing; it is only 2C + 2 numbers per rank.
+    Processes whose dtypes differ all raise, naming them.
 
     Returns:
         the global count (a Python int: a device read on GPUs), mean [C] and m2 [C] (float64,
@@ -102,13 +132,17 @@ def _global_moments(x: torch.Tensor, host, moments, process_group, world_size: i
     """
     count, mean, m2 = moments
     c = np.size(mean) if isinstance(mean, np.ndarray) else mean.numel()
-    lead = np.full(1, float(count)) if isinstance(mean, np.ndarray) else mean.new_full(
-        (1,), float(count))
+    head = [float(count), float(_DTYPE_CODES[x.dtype])]
+    lead = np.array(head) if isinstance(mean, np.ndarray) else mean.new_tensor(head)
     packed = _pack(x, (lead, mean, m2))
-    table = torch.empty((world_size, 2 * c + 1), dtype=torch.float64, device=x.device)
+    table = torch.empty((world_size, 2 * c + 2), dtype=torch.float64, device=x.device)
     dist.all_gather(list(table.unbind(0)), packed, group=process_group)
     rows = host(table)
-    n, mean, m2 = merge_moments(rows[:, :1], rows[:, 1:1 + c], rows[:, 1 + c:])
+    codes = [int(v) for v in rows[:, 1].tolist()]
+    if len(set(codes)) > 1:  # every process holds the same table: all raise alike
+        _disagreement("dtype", [_args.INPUT_DTYPES[k] for k in codes], process_group,
+                      world_size)
+    n, mean, m2 = merge_moments(rows[:, :1], rows[:, 2:2 + c], rows[:, 2 + c:])
     return int(n), mean, m2
 
 
@@ -144,7 +178,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # hold one value per channel, or none; the count that matters is the group's)
         pl = _ops.plan(x, "spatial", "inference", weight, bias)
         layout = pl.layout
-        _check_agreement(x, group, world)
+        pin = next((t for t in (weight, running_mean, running_var) if t is not None), None)
+        _check_agreement(x, pin, group, world)
         host = _ops._Host(pl)
         xa = host(x)
         backend = pl.backend or _ops._backend(xa)
