@@ -318,6 +318,45 @@ def test_gradgradcheck_without_affine(inplace):
     assert gradgradcheck(f, (x, z))
 
 
+def _second_order(f, inputs, dy):
+    """f's output, its first derivatives (graph kept) and the derivatives of their squared
+    norm: a double-backward loss, as a gradient penalty computes."""
+    out = f(*inputs)
+    grads = torch.autograd.grad(out, inputs, dy, create_graph=True)
+    # an input the first derivatives do not depend on (the bias, through ReLU) gets zeros
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), inputs,
+                                 allow_unused=True, materialize_grads=True)
+    return [out, *grads, *second]
+
+
+@pytest.mark.parametrize("form", [*FORMS, "inplace_leaky", "inplace_identity"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_second_order_matches_torch_composition(form, training, layout):
+    """Double backward against torch's own batch_norm + add + relu / leaky_relu in float64,
+    at float64's tolerance (gradgradcheck's finite differences are far coarser)."""
+    inplace = form.startswith("inplace")
+    activation, slope, with_z = (("leaky_relu" if form == "inplace_leaky" else None), 0.2,
+                                 False) if inplace else FORMS[form]
+    x, w, b, z, rm, rv, dy = make(layout, small=True)
+    inputs = [x, w, b] + ([z] if with_z else [])
+    inputs = [t.detach().requires_grad_() for t in inputs]
+
+    def ours(x, w, b, z=None):
+        return batch_norm(x * 1 if inplace else x, rm.clone(), rv.clone(), w, b, training,
+                          0.1, 1e-3, activation=activation, negative_slope=slope, residual=z,
+                          inplace=inplace)
+
+    def theirs(x, w, b, z=None):
+        out = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+        return _torch_composition(lambda t: t, out, z, activation, slope)
+
+    results = zip(_second_order(ours, inputs, dy), _second_order(theirs, inputs, dy),
+                  strict=True)
+    for i, (a, e) in enumerate(results):
+        assert_close(a, e, torch.float64, name=f"result {i}")
+
+
 def _routes(monkeypatch, fast, x, w, b, z, rm, rv, dy, training, activation, inplace):
     from batchnorm.torch import function
 
@@ -406,6 +445,42 @@ def test_inplace_returns_and_marks_the_input():
     leaf = x.clone().requires_grad_()
     with torch.no_grad():
         batch_norm(leaf, rm, rv, w, b, False, inplace=True)
+
+
+@pytest.mark.parametrize("view", ["batch_slice", "channel_slice"])
+def test_inplace_on_a_view(view):
+    """A view of a non-leaf is written in place, as by torch's in-place operations: the base
+    sees y, and gradients through the base (first and second order) are those of the
+    out-of-place call."""
+    _, w, b, _, _, _, _ = make("nchw", small=True)
+    base = torch.randn(4, 4, 2, 3, dtype=torch.float64, generator=_gen(5)).requires_grad_()
+
+    def f(a, w, b, inplace):
+        h = a * 2
+        v = h[:3, :2] if view == "batch_slice" else h[:, 1:3]
+        y = batch_norm(v, None, None, w, b, True, activation="leaky_relu",
+                       negative_slope=0.2, inplace=inplace)
+        if inplace:
+            assert y is v and torch.equal(h[:3, :2] if view == "batch_slice" else h[:, 1:3], y)
+            return h.sin()
+        other = h.clone()
+        if view == "batch_slice":
+            other[:3, :2] = y
+        else:
+            other[:, 1:3] = y
+        return other.sin()
+
+    inputs = (base, w.clone().requires_grad_(), b.clone().requires_grad_())
+    dy = torch.randn(base.shape, dtype=torch.float64, generator=_gen(6))
+    results = []
+    for inplace in (False, True):
+        out = f(*inputs, inplace)
+        grads = torch.autograd.grad(out, inputs, dy, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+        results.append((out, *grads, *second))
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, torch.float64)
+    assert gradgradcheck(lambda *t: f(*t, True), inputs)
 
 
 @pytest.mark.parametrize("value", [0.0, 1e-9, -1e-9, -0.0, S.GAMMA_MIN, -S.GAMMA_MIN, 3e-5])
