@@ -7,19 +7,7 @@ import pytest
 import torch
 
 from batchnorm import cli
-from batchnorm import reference as ref
 from batchnorm.cli import bench_layers, bench_memory
-
-
-@pytest.fixture(autouse=True)
-def fused_on_reference(monkeypatch):
-    """batchnorm.torch's NumPy calls routed to the reference backend, which has the
-    epilogue, while the CPU backend does not have it yet."""
-    from batchnorm.torch import _ops
-
-    monkeypatch.setattr(_ops, "_PLANS", {})
-    monkeypatch.setattr(_ops, "_AUTO_BY_DTYPE", {})
-    monkeypatch.setattr(_ops, "select", lambda name, x: ref)
 
 
 @pytest.mark.parametrize("pair", ["bn_relu", "bn_add_relu"])

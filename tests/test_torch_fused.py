@@ -48,17 +48,6 @@ LAYOUTS = {
 SMALL = {2: (6, 2), 4: (3, 2, 2, 3), 5: (2, 2, 2, 1, 3)}
 
 
-@pytest.fixture(autouse=True)
-def fused_on_reference(monkeypatch):
-    """batchnorm.torch's NumPy calls routed to the reference backend, which has the
-    epilogue, while the CPU backend does not have it yet."""
-    from batchnorm.torch import _ops
-
-    monkeypatch.setattr(_ops, "_PLANS", {})
-    monkeypatch.setattr(_ops, "_AUTO_BY_DTYPE", {})
-    monkeypatch.setattr(_ops, "select", lambda name, x: ref)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -602,6 +591,25 @@ class TestInplaceRefusals:
         y = self.call(self.call(a * 1))
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_calls_take_the_direct_route(monkeypatch, layout, inplace):
+    """float32 / float64 tensors in x's memory order run the CPU backend's kernels on views
+    (its plan), not its whole calls, which decide per call: those are made to fail here."""
+    from batchnorm.backends import cpu
+
+    def fail(*a, **k):
+        raise AssertionError("the whole call ran, not the plan's kernels")
+
+    for name in ("forward_training", "forward_inference", "backward"):
+        monkeypatch.setattr(cpu, name, fail)
+    x, w, b, z, rm, rv, dy = make(layout, torch.float32)
+    for training in (True, False):
+        out = run(x, w, b, None if inplace else z, rm, rv, dy, training, "leaky_relu", 0.1,
+                  inplace=inplace)
+        assert all(t is not None for t in out[:4])
 
 
 # ---- arguments

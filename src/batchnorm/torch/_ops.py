@@ -536,16 +536,25 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         momentum = 1.0 / max(float(batches), 1.0)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
-    host = _Host(pl)
-    xa = host(x)
-    y, ya = _target(host, x, xa, inplace and not check_finite)
-    _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
-        xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
-        running_mean=host(running_mean, writeback=True),
-        running_var=host(running_var, writeback=True), out=ya, check_finite=check_finite,
-        **_epilogue_kw(host(residual), epilogue),
-    )
-    host.finish()
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        mean, invstd, bad = pl.cpu.train(
+            xa, _np(weight), _np(bias), eps, momentum, _written(running_mean),
+            _written(running_var), xa if over_x else y.numpy(), bool(check_finite),
+            residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
+            xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
+            running_mean=host(running_mean, writeback=True),
+            running_var=host(running_var, writeback=True), out=ya, check_finite=check_finite,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
     for t in (running_mean, running_var, y if y is x else None):
         if t is not None:  # written through NumPy: count the write, as torch would
             torch.autograd.graph.increment_version(t)
@@ -564,14 +573,21 @@ def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 inplace: bool = False, check_finite: bool = False) -> Tensor:
     """``y = act(weight * (x - mean) / sqrt(var + eps) + bias + residual)``, written over x
     when ``inplace`` (as in :func:`train_fused`)."""
-    host = _Host(pl)
-    xa = host(x)
-    y, ya = _target(host, x, xa, inplace and not check_finite)
-    (pl.backend or _backend(xa)).forward_inference(
-        xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps, out=ya,
-        **_epilogue_kw(host(residual), epilogue),
-    )
-    host.finish()
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        pl.cpu.infer(xa, _np(weight), _np(bias), _np(mean), _np(var), eps,
+                     xa if over_x else y.numpy(), residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        (pl.backend or _backend(xa)).forward_inference(
+            xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps, out=ya,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
     if y is x:
         torch.autograd.graph.increment_version(x)
     y = _as(y, x.dtype)
@@ -600,12 +616,25 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     ref = x if x is not None else y
     if dy.shape != ref.shape:
         S.check_same_shape("dy", dy, pl.layout)
+    yr = y if epilogue is not None or x is None else None  # what backward reads of y
+    if pl.direct:
+        dya = _np(dy)
+        if pl.cpu.takes(dya) and (yr is None or yr.stride() == ref.stride()):
+            dx = torch.empty_like(ref)
+            dz = torch.empty_like(ref) if want_dz else None
+            dweight, dbias = pl.cpu.grad(
+                dya, _np(x), _np(weight), _np(mean), _np(invstd), bool(training), dx.numpy(),
+                y=_np(yr), beta=_np(bias) if x is None else None, epilogue=epilogue,
+                dz=None if dz is None else dz.numpy())
+            if dweight is None:
+                dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
+            return dx, _tensor(dweight, ref, pl.sdt), _tensor(dbias, ref, pl.sdt), dz
     host = _Host(pl)
     dx = _output_like(ref)
     dz = _output_like(ref) if want_dz else None
     kw: dict = {}
-    if y is not None and (epilogue is not None or x is None):
-        kw["y"] = host(y)
+    if yr is not None:
+        kw["y"] = host(yr)
     if x is None:
         kw["beta"] = host(bias)
     if epilogue is not None:
