@@ -418,6 +418,34 @@ def test_inplace_matches_out_of_place(activation, training, layout, dtype):
         assert_close(a, e, atol=atol * scale, rtol=rtol * scale, name=name)
 
 
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_inplace_first_order_keeps_nothing_else(monkeypatch, route):
+    """First-order backward of the memory-saving mode runs no second-order term, and no graph
+    node holds an input-sized tensor outside its saved tensors (which backward frees as it
+    passes the layer; a plain attribute would keep every layer's y to the end)."""
+    from batchnorm.torch import function
+
+    monkeypatch.setattr(function, "EAGER_FAST_PATH", route == "eager")
+    calls = []
+    real = fused._invstd_term
+    monkeypatch.setattr(fused, "_invstd_term", lambda *a: calls.append(1) or real(*a))
+    x, w, b, _, rm, rv, dy = make("nchw")
+    x0 = x.clone().requires_grad_()
+    y = batch_norm(x0 * 1, rm, rv, w, b, True, activation="leaky_relu", inplace=True)
+    nodes, seen = [y.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        held = [v for v in getattr(node, "__dict__", {}).values()
+                if isinstance(v, torch.Tensor) and v.numel() == x.numel()]
+        assert not held, f"{node.name()} holds an input-sized tensor"
+        nodes += [n for n, _ in node.next_functions]
+    y.backward(dy)
+    assert not calls and x0.grad is not None
+
+
 def test_inplace_returns_and_marks_the_input():
     x, w, b, _, rm, rv, _ = make("nchw")
     x0 = x.clone().requires_grad_()

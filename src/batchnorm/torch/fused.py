@@ -176,6 +176,7 @@ def _setup_training(ctx, inputs, output):
     ctx.epilogue = _args.epilogue(activation, slope)
     if recover:  # invstd stays differentiable: see the module notes
         ctx.mark_non_differentiable(mean, new_mean, new_var)
+        ctx.set_materialize_grads(False)  # first order: no gradient reaches invstd
         ctx.save_for_backward(output[0], weight, bias, invstd)
     else:
         ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
@@ -381,20 +382,23 @@ class _RecoverStatistics(torch.autograd.Function):
         _, mean, invstd = _ops.train_fused(pl, x, w, bias, None, running_mean, running_var,
                                            momentum, eps, epilogue, True, batches,
                                            check_finite)
-        # y, the weight and the bias as this forward used them (plain references: y's
-        # version is checked by the next node, which saves it)
-        ctx.y, ctx.w, ctx.b = x.detach(), w, None if bias is None else bias.detach()
+        # The weight and bias as this forward used them. y is handed over by the next node's
+        # backward when it builds a graph (double backward); holding it from here would keep
+        # every layer's y until the whole backward is over.
+        ctx.w, ctx.b = w, None if bias is None else bias.detach()
         ctx.s, ctx.layout, ctx.epilogue = invstd.detach(), pl.layout, epilogue
+        ctx.y = None
         ctx.mark_non_differentiable(mean)
+        ctx.set_materialize_grads(False)  # first order: no gradient reaches invstd
         return invstd, mean
 
     @staticmethod
     def backward(ctx, ginvstd, _gmean):
         if ginvstd is None:
             return None, None, None, None
-        dx = _invstd_term(ginvstd, ctx.y, ctx.w, ctx.b, ctx.s, ctx.layout,
-                          ctx.epilogue)
-        return dx.to(ctx.y.dtype), None, None, None
+        y = ctx.y  # set when the backward of the next node built a graph
+        dx = _invstd_term(ginvstd, y, ctx.w, ctx.b, ctx.s, ctx.layout, ctx.epilogue)
+        return dx.to(y.dtype), None, None, None
 
 
 class _RecoverOutput(torch.autograd.Function):
@@ -406,12 +410,15 @@ class _RecoverOutput(torch.autograd.Function):
         ctx.mark_dirty(x)
         ctx.plan, ctx.epilogue, ctx.mean = first
         ctx.save_for_backward(x, weight, bias, invstd)
+        ctx.statistics = invstd.grad_fn  # the first node (no reference back: no cycle)
         return x
 
     @staticmethod
     def backward(ctx, gy):
         y, weight, bias, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled() and ctx.statistics is not None:
+            ctx.statistics.y = y.detach()  # double backward: the first node's formula reads y
         dx, dw, db = _recover_grads(ctx.plan, gy, None, y, weight, bias, ctx.mean, invstd,
                                     True, ctx.plan.layout.mode, ctx.epilogue)
         return (dx if need[0] else None, None, _cast(dw, weight, need[2]),
