@@ -672,6 +672,22 @@ def test_residual_in_another_memory_format():
         assert_close(a, e, torch.float64, name=name)
 
 
+@pytest.mark.parametrize("dy_kind", ["expanded", "other_format"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_in_another_memory_order(dy_kind, inplace):
+    """A forward on the direct route, then a dy the kernels' views do not take (the
+    expanded gradient of a sum, or another memory format): the general path, same values."""
+    x, w, b, z, rm, rv, dy = make("nhwc", torch.float32)
+    dy = torch.ones(1).expand(x.shape) if dy_kind == "expanded" else dy.contiguous()
+    z = None if inplace else z
+    ours = run(x, w, b, z, rm, rv, dy, True, "leaky_relu", 0.1, inplace=inplace)
+    expected = composition(x, w, b, z, rm, rv, dy, True, "leaky_relu", 0.1, "spatial", 1e-4,
+                           0.3)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias", "dz"), ours, expected, strict=False):
+        if a is not None:
+            assert_close(a, e, torch.float32, name=name)
+
+
 def test_zero_size_and_meta():
     x = torch.randn(0, 3, 4, requires_grad=True)
     z = torch.randn(0, 3, 4, requires_grad=True)

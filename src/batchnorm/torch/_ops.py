@@ -527,10 +527,11 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     """(y, mean, invstd) of ``y = act(weight * xhat + bias + residual)`` with the batch's
     statistics, updating the running statistics in place (as :func:`train`).
 
-    ``inplace``: y is written over x (the memory-saving mode; the caller checked its
-    conditions and clamped ``weight``) and x is returned. With ``check_finite`` y is computed
-    into a fresh tensor first and copied over x once it is known to be finite, so that a call
-    that raises leaves x as it was (contract §3).
+    ``mean`` and ``invstd`` are NumPy arrays on the direct path and tensors otherwise, as
+    :func:`train` returns them. ``inplace``: y is written over x (the memory-saving mode;
+    the caller checked its conditions and clamped ``weight``) and x is returned. With
+    ``check_finite`` y is computed into a fresh tensor first and copied over x once it is
+    known to be finite, so that a call that raises leaves x as it was (contract §3).
     """
     if batches is not None:
         momentum = 1.0 / max(float(batches), 1.0)
@@ -565,7 +566,7 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         with torch.no_grad():
             x.copy_(y)
         y = x
-    return y, _tensor(mean, x), _tensor(invstd, x)
+    return y, mean, invstd
 
 
 def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -608,6 +609,7 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     ``want_dz``: with g = dy * act'(pre) (read off y's sign), §1's formulas with dy replaced
     by g, and dz = g.
 
+    ``mean`` and ``invstd`` as the forward returned them (NumPy arrays on the direct path).
     ``x`` None is the memory-saving mode: xhat is recovered from ``y`` as
     ``(act^-1(y) - bias) / weight`` (weight as the forward used it, clamped). ``y`` is needed
     with an activation or without x. ``pl`` is the plan of the forward's input (any tensor
@@ -630,6 +632,7 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
                 dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
             return dx, _tensor(dweight, ref, pl.sdt), _tensor(dbias, ref, pl.sdt), dz
     host = _Host(pl)
+    mean, invstd = _tensor(mean, ref), _tensor(invstd, ref)  # arrays from a direct forward
     dx = _output_like(ref)
     dz = _output_like(ref) if want_dz else None
     kw: dict = {}
@@ -688,7 +691,7 @@ def forward_training_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None
         pl, x, weight, bias, residual, new_mean if running_mean is not None else None,
         new_var if running_var is not None else None, momentum, eps,
         _epilogue_of(activation, negative_slope), False, batches, check_finite)
-    return y, mean, invstd, new_mean, new_var
+    return y, _tensor(mean, x), _tensor(invstd, x), new_mean, new_var
 
 
 @forward_training_fused.register_fake

@@ -139,6 +139,7 @@ def _fused_grads(pl, gy, x, y, weight, mean, invstd, training: bool, mode: str, 
     backends, or through the differentiable ``batchnorm::backward_fused`` when a graph of
     the backward is being built (create_graph) or there is no plan (the operators' route)."""
     if pl is None or torch.is_grad_enabled():
+        mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)
         dx, dw, db, dz = _ops_ns.backward_fused(gy, x, y, weight, mean, invstd, training, mode,
                                                 _name(epilogue), _slope(epilogue), want_dz)
         return dx, dw, db, dz if want_dz else None
@@ -382,6 +383,7 @@ class _RecoverStatistics(torch.autograd.Function):
         _, mean, invstd = _ops.train_fused(pl, x, w, bias, None, running_mean, running_var,
                                            momentum, eps, epilogue, True, batches,
                                            check_finite)
+        mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)  # graph outputs
         # The weight and bias as this forward used them. y is handed over by the next node's
         # backward when it builds a graph (double backward); holding it from here would keep
         # every layer's y until the whole backward is over.
