@@ -781,6 +781,36 @@ def test_module_without_affine_or_running_stats():
 # ---- torch.compile
 
 
+@pytest.mark.parametrize("recover", [False, True], ids=["out_of_place", "memory_saving"])
+def test_operators_pass_opcheck(recover):
+    """The fused operators' schemas, fake kernels, autograd registration and AOT dispatch,
+    as torch.library checks them."""
+    ops = torch.ops.batchnorm
+    x, w, b, z, rm, rv, dy = make("nchw", small=True)
+    x, w, b, z, dy = (t.detach().requires_grad_() for t in (x, w, b, z, dy))
+    residual = None if recover else z
+    checks = [
+        (ops.forward_training_fused, (x, w, b, residual, rm, rv, 0.1, 1e-5, "spatial", None,
+                                      False, "leaky_relu", 0.1, recover)),
+        (ops.forward_inference_fused, (x, w, b, residual, rm, rv, 1e-5, "spatial", False,
+                                       "leaky_relu", 0.1, recover)),
+    ]
+    y = batch_norm(x.detach(), None, None, w.detach(), b.detach(), True,
+                   activation="leaky_relu", negative_slope=0.1)
+    invstd = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    if recover:
+        checks.append((ops.backward_recover, (dy, y.requires_grad_(), w, b, invstd, True,
+                                              "spatial", "leaky_relu", 0.1)))
+    else:
+        checks.append((ops.backward_fused, (dy, x, y, w, torch.zeros(2, dtype=x.dtype),
+                                            invstd.detach(), True, "spatial", "leaky_relu",
+                                            0.1, True)))
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+
 def _block(cls_bn, cls_act, inplace):
     """conv -> BN-act -> conv -> BN + shortcut -> act: a residual block."""
     class Block(nn.Module):
