@@ -7,19 +7,7 @@ import pytest
 import torch
 
 from batchnorm import cli
-from batchnorm import reference as ref
 from batchnorm.cli import bench_layers, bench_memory
-
-
-@pytest.fixture(autouse=True)
-def fused_on_reference(monkeypatch):
-    """batchnorm.torch's NumPy calls routed to the reference backend, which has the
-    epilogue, while the CPU backend does not have it yet."""
-    from batchnorm.torch import _ops
-
-    monkeypatch.setattr(_ops, "_PLANS", {})
-    monkeypatch.setattr(_ops, "_AUTO_BY_DTYPE", {})
-    monkeypatch.setattr(_ops, "select", lambda name, x: ref)
 
 
 @pytest.mark.parametrize("pair", ["bn_relu", "bn_add_relu"])
@@ -87,3 +75,17 @@ def test_memory_tiny_run(capsys, tmp_path):
 def test_memory_options():
     assert cli.main(["bench", "--memory", "--depth", "0"]) == 2
     assert cli.main(["bench", "--layers", "--depth", "3"]) == 2  # not the layers mode's
+
+
+def test_memory_check_catches_a_different_computation(monkeypatch):
+    real = bench_memory.build
+
+    def wrong_slope(provider, depth, dtype, memory_format):
+        model = real(provider, depth, dtype, memory_format)
+        if provider == "ours":
+            model[1].negative_slope = 0.02
+        return model
+
+    monkeypatch.setattr(bench_memory, "build", wrong_slope)
+    assert bench_memory.same_function("ours inplace", 2, torch.contiguous_format)
+    assert not bench_memory.same_function("ours", 2, torch.contiguous_format)

@@ -48,17 +48,6 @@ LAYOUTS = {
 SMALL = {2: (6, 2), 4: (3, 2, 2, 3), 5: (2, 2, 2, 1, 3)}
 
 
-@pytest.fixture(autouse=True)
-def fused_on_reference(monkeypatch):
-    """batchnorm.torch's NumPy calls routed to the reference backend, which has the
-    epilogue, while the CPU backend does not have it yet."""
-    from batchnorm.torch import _ops
-
-    monkeypatch.setattr(_ops, "_PLANS", {})
-    monkeypatch.setattr(_ops, "_AUTO_BY_DTYPE", {})
-    monkeypatch.setattr(_ops, "select", lambda name, x: ref)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -318,6 +307,45 @@ def test_gradgradcheck_without_affine(inplace):
     assert gradgradcheck(f, (x, z))
 
 
+def _second_order(f, inputs, dy):
+    """f's output, its first derivatives (graph kept) and the derivatives of their squared
+    norm: a double-backward loss, as a gradient penalty computes."""
+    out = f(*inputs)
+    grads = torch.autograd.grad(out, inputs, dy, create_graph=True)
+    # an input the first derivatives do not depend on (the bias, through ReLU) gets zeros
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), inputs,
+                                 allow_unused=True, materialize_grads=True)
+    return [out, *grads, *second]
+
+
+@pytest.mark.parametrize("form", [*FORMS, "inplace_leaky", "inplace_identity"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_second_order_matches_torch_composition(form, training, layout):
+    """Double backward against torch's own batch_norm + add + relu / leaky_relu in float64,
+    at float64's tolerance (gradgradcheck's finite differences are far coarser)."""
+    inplace = form.startswith("inplace")
+    activation, slope, with_z = (("leaky_relu" if form == "inplace_leaky" else None), 0.2,
+                                 False) if inplace else FORMS[form]
+    x, w, b, z, rm, rv, dy = make(layout, small=True)
+    inputs = [x, w, b] + ([z] if with_z else [])
+    inputs = [t.detach().requires_grad_() for t in inputs]
+
+    def ours(x, w, b, z=None):
+        return batch_norm(x * 1 if inplace else x, rm.clone(), rv.clone(), w, b, training,
+                          0.1, 1e-3, activation=activation, negative_slope=slope, residual=z,
+                          inplace=inplace)
+
+    def theirs(x, w, b, z=None):
+        out = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+        return _torch_composition(lambda t: t, out, z, activation, slope)
+
+    results = zip(_second_order(ours, inputs, dy), _second_order(theirs, inputs, dy),
+                  strict=True)
+    for i, (a, e) in enumerate(results):
+        assert_close(a, e, torch.float64, name=f"result {i}")
+
+
 def _routes(monkeypatch, fast, x, w, b, z, rm, rv, dy, training, activation, inplace):
     from batchnorm.torch import function
 
@@ -390,6 +418,34 @@ def test_inplace_matches_out_of_place(activation, training, layout, dtype):
         assert_close(a, e, atol=atol * scale, rtol=rtol * scale, name=name)
 
 
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_inplace_first_order_keeps_nothing_else(monkeypatch, route):
+    """First-order backward of the memory-saving mode runs no second-order term, and no graph
+    node holds an input-sized tensor outside its saved tensors (which backward frees as it
+    passes the layer; a plain attribute would keep every layer's y to the end)."""
+    from batchnorm.torch import function
+
+    monkeypatch.setattr(function, "EAGER_FAST_PATH", route == "eager")
+    calls = []
+    real = fused._invstd_term
+    monkeypatch.setattr(fused, "_invstd_term", lambda *a: calls.append(1) or real(*a))
+    x, w, b, _, rm, rv, dy = make("nchw")
+    x0 = x.clone().requires_grad_()
+    y = batch_norm(x0 * 1, rm, rv, w, b, True, activation="leaky_relu", inplace=True)
+    nodes, seen = [y.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        held = [v for v in getattr(node, "__dict__", {}).values()
+                if isinstance(v, torch.Tensor) and v.numel() == x.numel()]
+        assert not held, f"{node.name()} holds an input-sized tensor"
+        nodes += [n for n, _ in node.next_functions]
+    y.backward(dy)
+    assert not calls and x0.grad is not None
+
+
 def test_inplace_returns_and_marks_the_input():
     x, w, b, _, rm, rv, _ = make("nchw")
     x0 = x.clone().requires_grad_()
@@ -406,6 +462,42 @@ def test_inplace_returns_and_marks_the_input():
     leaf = x.clone().requires_grad_()
     with torch.no_grad():
         batch_norm(leaf, rm, rv, w, b, False, inplace=True)
+
+
+@pytest.mark.parametrize("view", ["batch_slice", "channel_slice"])
+def test_inplace_on_a_view(view):
+    """A view of a non-leaf is written in place, as by torch's in-place operations: the base
+    sees y, and gradients through the base (first and second order) are those of the
+    out-of-place call."""
+    _, w, b, _, _, _, _ = make("nchw", small=True)
+    base = torch.randn(4, 4, 2, 3, dtype=torch.float64, generator=_gen(5)).requires_grad_()
+
+    def f(a, w, b, inplace):
+        h = a * 2
+        v = h[:3, :2] if view == "batch_slice" else h[:, 1:3]
+        y = batch_norm(v, None, None, w, b, True, activation="leaky_relu",
+                       negative_slope=0.2, inplace=inplace)
+        if inplace:
+            assert y is v and torch.equal(h[:3, :2] if view == "batch_slice" else h[:, 1:3], y)
+            return h.sin()
+        other = h.clone()
+        if view == "batch_slice":
+            other[:3, :2] = y
+        else:
+            other[:, 1:3] = y
+        return other.sin()
+
+    inputs = (base, w.clone().requires_grad_(), b.clone().requires_grad_())
+    dy = torch.randn(base.shape, dtype=torch.float64, generator=_gen(6))
+    results = []
+    for inplace in (False, True):
+        out = f(*inputs, inplace)
+        grads = torch.autograd.grad(out, inputs, dy, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+        results.append((out, *grads, *second))
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, torch.float64)
+    assert gradgradcheck(lambda *t: f(*t, True), inputs)
 
 
 @pytest.mark.parametrize("value", [0.0, 1e-9, -1e-9, -0.0, S.GAMMA_MIN, -S.GAMMA_MIN, 3e-5])
@@ -529,6 +621,25 @@ class TestInplaceRefusals:
             y.sum().backward()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_calls_take_the_direct_route(monkeypatch, layout, inplace):
+    """float32 / float64 tensors in x's memory order run the CPU backend's kernels on views
+    (its plan), not its whole calls, which decide per call: those are made to fail here."""
+    from batchnorm.backends import cpu
+
+    def fail(*a, **k):
+        raise AssertionError("the whole call ran, not the plan's kernels")
+
+    for name in ("forward_training", "forward_inference", "backward"):
+        monkeypatch.setattr(cpu, name, fail)
+    x, w, b, z, rm, rv, dy = make(layout, torch.float32)
+    for training in (True, False):
+        out = run(x, w, b, None if inplace else z, rm, rv, dy, training, "leaky_relu", 0.1,
+                  inplace=inplace)
+        assert all(t is not None for t in out[:4])
+
+
 # ---- arguments
 
 
@@ -559,6 +670,22 @@ def test_residual_in_another_memory_format():
     expected = composition(x, w, b, z, rm, rv, dy, True, "relu", 0.0, "spatial", 1e-4, 0.3)
     for name, a, e in zip(("y", "dx", "dweight", "dbias", "dz"), ours, expected, strict=False):
         assert_close(a, e, torch.float64, name=name)
+
+
+@pytest.mark.parametrize("dy_kind", ["expanded", "other_format"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_in_another_memory_order(dy_kind, inplace):
+    """A forward on the direct route, then a dy the kernels' views do not take (the
+    expanded gradient of a sum, or another memory format): the general path, same values."""
+    x, w, b, z, rm, rv, dy = make("nhwc", torch.float32)
+    dy = torch.ones(1).expand(x.shape) if dy_kind == "expanded" else dy.contiguous()
+    z = None if inplace else z
+    ours = run(x, w, b, z, rm, rv, dy, True, "leaky_relu", 0.1, inplace=inplace)
+    expected = composition(x, w, b, z, rm, rv, dy, True, "leaky_relu", 0.1, "spatial", 1e-4,
+                           0.3)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias", "dz"), ours, expected, strict=False):
+        if a is not None:
+            assert_close(a, e, torch.float32, name=name)
 
 
 def test_zero_size_and_meta():
@@ -652,6 +779,36 @@ def test_module_without_affine_or_running_stats():
 
 
 # ---- torch.compile
+
+
+@pytest.mark.parametrize("recover", [False, True], ids=["out_of_place", "memory_saving"])
+def test_operators_pass_opcheck(recover):
+    """The fused operators' schemas, fake kernels, autograd registration and AOT dispatch,
+    as torch.library checks them."""
+    ops = torch.ops.batchnorm
+    x, w, b, z, rm, rv, dy = make("nchw", small=True)
+    x, w, b, z, dy = (t.detach().requires_grad_() for t in (x, w, b, z, dy))
+    residual = None if recover else z
+    checks = [
+        (ops.forward_training_fused, (x, w, b, residual, rm, rv, 0.1, 1e-5, "spatial", None,
+                                      False, "leaky_relu", 0.1, recover)),
+        (ops.forward_inference_fused, (x, w, b, residual, rm, rv, 1e-5, "spatial", False,
+                                       "leaky_relu", 0.1, recover)),
+    ]
+    y = batch_norm(x.detach(), None, None, w.detach(), b.detach(), True,
+                   activation="leaky_relu", negative_slope=0.1)
+    invstd = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    if recover:
+        checks.append((ops.backward_recover, (dy, y.requires_grad_(), w, b, invstd, True,
+                                              "spatial", "leaky_relu", 0.1)))
+    else:
+        checks.append((ops.backward_fused, (dy, x, y, w, torch.zeros(2, dtype=x.dtype),
+                                            invstd.detach(), True, "spatial", "leaky_relu",
+                                            0.1, True)))
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
 
 
 def _block(cls_bn, cls_act, inplace):

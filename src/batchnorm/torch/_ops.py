@@ -527,25 +527,35 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     """(y, mean, invstd) of ``y = act(weight * xhat + bias + residual)`` with the batch's
     statistics, updating the running statistics in place (as :func:`train`).
 
-    ``inplace``: y is written over x (the memory-saving mode; the caller checked its
-    conditions and clamped ``weight``) and x is returned. With ``check_finite`` y is computed
-    into a fresh tensor first and copied over x once it is known to be finite, so that a call
-    that raises leaves x as it was (contract §3).
+    ``mean`` and ``invstd`` are NumPy arrays on the direct path and tensors otherwise, as
+    :func:`train` returns them. ``inplace``: y is written over x (the memory-saving mode;
+    the caller checked its conditions and clamped ``weight``) and x is returned. With
+    ``check_finite`` y is computed into a fresh tensor first and copied over x once it is
+    known to be finite, so that a call that raises leaves x as it was (contract §3).
     """
     if batches is not None:
         momentum = 1.0 / max(float(batches), 1.0)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
-    host = _Host(pl)
-    xa = host(x)
-    y, ya = _target(host, x, xa, inplace and not check_finite)
-    _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
-        xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
-        running_mean=host(running_mean, writeback=True),
-        running_var=host(running_var, writeback=True), out=ya, check_finite=check_finite,
-        **_epilogue_kw(host(residual), epilogue),
-    )
-    host.finish()
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        mean, invstd, bad = pl.cpu.train(
+            xa, _np(weight), _np(bias), eps, momentum, _written(running_mean),
+            _written(running_var), xa if over_x else y.numpy(), bool(check_finite),
+            residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
+            xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
+            running_mean=host(running_mean, writeback=True),
+            running_var=host(running_var, writeback=True), out=ya, check_finite=check_finite,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
     for t in (running_mean, running_var, y if y is x else None):
         if t is not None:  # written through NumPy: count the write, as torch would
             torch.autograd.graph.increment_version(t)
@@ -556,7 +566,7 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         with torch.no_grad():
             x.copy_(y)
         y = x
-    return y, _tensor(mean, x), _tensor(invstd, x)
+    return y, mean, invstd
 
 
 def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -564,14 +574,21 @@ def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 inplace: bool = False, check_finite: bool = False) -> Tensor:
     """``y = act(weight * (x - mean) / sqrt(var + eps) + bias + residual)``, written over x
     when ``inplace`` (as in :func:`train_fused`)."""
-    host = _Host(pl)
-    xa = host(x)
-    y, ya = _target(host, x, xa, inplace and not check_finite)
-    (pl.backend or _backend(xa)).forward_inference(
-        xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps, out=ya,
-        **_epilogue_kw(host(residual), epilogue),
-    )
-    host.finish()
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        pl.cpu.infer(xa, _np(weight), _np(bias), _np(mean), _np(var), eps,
+                     xa if over_x else y.numpy(), residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        (pl.backend or _backend(xa)).forward_inference(
+            xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps, out=ya,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
     if y is x:
         torch.autograd.graph.increment_version(x)
     y = _as(y, x.dtype)
@@ -592,6 +609,7 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     ``want_dz``: with g = dy * act'(pre) (read off y's sign), §1's formulas with dy replaced
     by g, and dz = g.
 
+    ``mean`` and ``invstd`` as the forward returned them (NumPy arrays on the direct path).
     ``x`` None is the memory-saving mode: xhat is recovered from ``y`` as
     ``(act^-1(y) - bias) / weight`` (weight as the forward used it, clamped). ``y`` is needed
     with an activation or without x. ``pl`` is the plan of the forward's input (any tensor
@@ -600,12 +618,26 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     ref = x if x is not None else y
     if dy.shape != ref.shape:
         S.check_same_shape("dy", dy, pl.layout)
+    yr = y if epilogue is not None or x is None else None  # what backward reads of y
+    if pl.direct:
+        dya = _np(dy)
+        if pl.cpu.takes(dya) and (yr is None or yr.stride() == ref.stride()):
+            dx = torch.empty_like(ref)
+            dz = torch.empty_like(ref) if want_dz else None
+            dweight, dbias = pl.cpu.grad(
+                dya, _np(x), _np(weight), _np(mean), _np(invstd), bool(training), dx.numpy(),
+                y=_np(yr), beta=_np(bias) if x is None else None, epilogue=epilogue,
+                dz=None if dz is None else dz.numpy())
+            if dweight is None:
+                dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
+            return dx, _tensor(dweight, ref, pl.sdt), _tensor(dbias, ref, pl.sdt), dz
     host = _Host(pl)
+    mean, invstd = _tensor(mean, ref), _tensor(invstd, ref)  # arrays from a direct forward
     dx = _output_like(ref)
     dz = _output_like(ref) if want_dz else None
     kw: dict = {}
-    if y is not None and (epilogue is not None or x is None):
-        kw["y"] = host(y)
+    if yr is not None:
+        kw["y"] = host(yr)
     if x is None:
         kw["beta"] = host(bias)
     if epilogue is not None:
@@ -659,7 +691,7 @@ def forward_training_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None
         pl, x, weight, bias, residual, new_mean if running_mean is not None else None,
         new_var if running_var is not None else None, momentum, eps,
         _epilogue_of(activation, negative_slope), False, batches, check_finite)
-    return y, mean, invstd, new_mean, new_var
+    return y, _tensor(mean, x), _tensor(invstd, x), new_mean, new_var
 
 
 @forward_training_fused.register_fake

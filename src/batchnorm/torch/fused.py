@@ -32,9 +32,9 @@ invstd, w = weight, T = 1 in training and 0 in inference, and
 
 the partial derivatives are d/d dy = m d/dg, d/dy = d/dxhat / (m w) (dp/dy = 1/m),
 d/d bias = -sum(d/dxhat) / w, d/dw = s r - sum(d/dxhat xhat) / w and d/ds = w r. In training
-s is a function of x (ds/dx = -s^2 xhat / M), which is why the memory-saving forward returns
-invstd as a differentiable output of its graph node: its gradient reaches x through that
-node. Third derivatives are not supported.
+s is a function of x (ds/dx = -s^2 xhat / M), which is why the memory-saving forward makes
+invstd a differentiable output of a graph node whose input is x (before the write): the
+gradient d/ds reaches x through it. Third derivatives are not supported.
 
 As for plain batch norm, two routes: eager calls run ``autograd.Function`` classes that call
 the implementations of :mod:`._ops` directly (the memory-saving mode writing y over the input
@@ -102,7 +102,8 @@ def _act_grad(y: Tensor, epilogue):
     activation)."""
     if epilogue is None:
         return 1.0
-    return torch.where(y > 0, 1.0, epilogue.negative_slope).to(y.dtype)
+    # the slope as a 0-d tensor of y's dtype (a Python float would pass through float32)
+    return torch.where(y > 0, y.new_ones(()), y.new_full((), epilogue.negative_slope))
 
 
 def _xhat_from_y(y: Tensor, weight, bias, layout, epilogue) -> Tensor:
@@ -138,6 +139,7 @@ def _fused_grads(pl, gy, x, y, weight, mean, invstd, training: bool, mode: str, 
     backends, or through the differentiable ``batchnorm::backward_fused`` when a graph of
     the backward is being built (create_graph) or there is no plan (the operators' route)."""
     if pl is None or torch.is_grad_enabled():
+        mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)
         dx, dw, db, dz = _ops_ns.backward_fused(gy, x, y, weight, mean, invstd, training, mode,
                                                 _name(epilogue), _slope(epilogue), want_dz)
         return dx, dw, db, dz if want_dz else None
@@ -175,6 +177,7 @@ def _setup_training(ctx, inputs, output):
     ctx.epilogue = _args.epilogue(activation, slope)
     if recover:  # invstd stays differentiable: see the module notes
         ctx.mark_non_differentiable(mean, new_mean, new_var)
+        ctx.set_materialize_grads(False)  # first order: no gradient reaches invstd
         ctx.save_for_backward(output[0], weight, bias, invstd)
     else:
         ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
@@ -361,34 +364,73 @@ class _FusedInference(torch.autograd.Function):
                 _ops._as(db, ctx.bias_dtype) if need[2] else None, dz, None, None, None)
 
 
-class _RecoverTraining(torch.autograd.Function):
-    """The memory-saving mode in training: y written over x (marked dirty), only y saved.
+class _RecoverStatistics(torch.autograd.Function):
+    """The memory-saving mode in training, first of two graph nodes: runs the whole forward,
+    writing y over x, and returns invstd, a differentiable function of x.
 
-    Returns (y, invstd): invstd is an output of this node so that, in double backward, the
-    gradient the backward's formula sends to it reaches x (see the module notes).
+    Its backward runs in double backward only, when the formula of ``backward_recover``
+    sends a gradient to invstd: d invstd / dx = -invstd^2 xhat / M, xhat recovered from y.
+    The write over x is declared by the next node, :class:`_RecoverOutput`, which marks x
+    dirty right after (no operation runs in between) and returns it as y: an
+    ``autograd.Function`` that modifies a view may return only that view, so invstd cannot
+    be a second output of the node that marks x dirty.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, call):
         pl, running_mean, running_var, momentum, eps, batches, check_finite, epilogue = call
         w = _clamped(weight, False)
-        y, mean, invstd = _ops.train_fused(pl, x, w, bias, None, running_mean, running_var,
+        _, mean, invstd = _ops.train_fused(pl, x, w, bias, None, running_mean, running_var,
                                            momentum, eps, epilogue, True, batches,
                                            check_finite)
-        ctx.mark_dirty(x)
-        ctx.set_materialize_grads(False)
-        ctx.plan, ctx.epilogue, ctx.mean = pl, epilogue, mean
-        ctx.save_for_backward(y, weight, bias, invstd)
-        return y, invstd
+        mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)  # graph outputs
+        # The weight and bias as this forward used them. y is handed over by the next node's
+        # backward when it builds a graph (double backward); holding it from here would keep
+        # every layer's y until the whole backward is over.
+        ctx.w, ctx.b = w, None if bias is None else bias.detach()
+        ctx.s, ctx.layout, ctx.epilogue = invstd.detach(), pl.layout, epilogue
+        ctx.y = None
+        ctx.mark_non_differentiable(mean)
+        ctx.set_materialize_grads(False)  # first order: no gradient reaches invstd
+        return invstd, mean
 
     @staticmethod
-    def backward(ctx, gy, ginvstd):
+    def backward(ctx, ginvstd, _gmean):
+        if ginvstd is None:
+            return None, None, None, None
+        y = ctx.y  # set when the backward of the next node built a graph
+        dx = _invstd_term(ginvstd, y, ctx.w, ctx.b, ctx.s, ctx.layout, ctx.epilogue)
+        return dx.to(y.dtype), None, None, None
+
+
+class _RecoverOutput(torch.autograd.Function):
+    """The memory-saving mode in training, second node: x (holding y since the first node)
+    marked dirty and returned as y; only y is saved, with the per-channel tensors."""
+
+    @staticmethod
+    def forward(ctx, x, invstd, weight, bias, first):
+        ctx.mark_dirty(x)
+        ctx.plan, ctx.epilogue, ctx.mean = first
+        ctx.save_for_backward(x, weight, bias, invstd)
+        ctx.statistics = invstd.grad_fn  # the first node (no reference back: no cycle)
+        return x
+
+    @staticmethod
+    def backward(ctx, gy):
         y, weight, bias, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _recover_grads(ctx.plan, gy, ginvstd, y, weight, bias, ctx.mean, invstd,
+        if torch.is_grad_enabled() and ctx.statistics is not None:
+            ctx.statistics.y = y.detach()  # double backward: the first node's formula reads y
+        dx, dw, db = _recover_grads(ctx.plan, gy, None, y, weight, bias, ctx.mean, invstd,
                                     True, ctx.plan.layout.mode, ctx.epilogue)
-        return (dx if need[0] else None, _cast(dw, weight, need[1]),
-                _cast(db, bias, need[2]), None)
+        return (dx if need[0] else None, None, _cast(dw, weight, need[2]),
+                _cast(db, bias, need[3]), None)
+
+
+def _recover_training(x, weight, bias, call):
+    """y of the memory-saving mode in training, through its two graph nodes."""
+    invstd, mean = _apply_recover_statistics(x, weight, bias, call)
+    return _apply_recover_output(x, invstd, weight, bias, (call[0], call[7], mean))
 
 
 class _RecoverInference(torch.autograd.Function):
@@ -418,7 +460,8 @@ class _RecoverInference(torch.autograd.Function):
 
 _apply_training = _compat.direct_apply(_FusedTraining)
 _apply_inference = _compat.direct_apply(_FusedInference)
-_apply_recover_training = _compat.direct_apply(_RecoverTraining)
+_apply_recover_statistics = _compat.direct_apply(_RecoverStatistics)
+_apply_recover_output = _compat.direct_apply(_RecoverOutput)
 _apply_recover_inference = _compat.direct_apply(_RecoverInference)
 
 
@@ -438,7 +481,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                     epilogue)
             if inplace:
                 if grad:
-                    return _apply_recover_training(input, weight, bias, call)[0]
+                    return _recover_training(input, weight, bias, call)
                 return _ops.train_fused(pl, input, _clamped(weight, False), bias, None,
                                         *call[1:5], epilogue, True, batches, check_finite)[0]
             if grad:
