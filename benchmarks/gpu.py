@@ -1,10 +1,13 @@
 """One command on a GPU: check every gpu kernel against the reference, then time them.
 
 1. Check. On small shapes chosen so that each kernel runs (the persistent and the split
-   algorithm of every pass, check_finite on and off, a NaN channel that must be flagged),
-   in float16, bfloat16 and float32, NCHW and channels-last, the gpu backend's results are
-   compared with the float64 reference; a mismatch, or a kernel no case reached, stops the
-   run with exit status 1 before anything is timed.
+   algorithm of every pass, check_finite on and off, a NaN channel that must be flagged, a
+   channel whose spread of 1e20 overflows float32 squares and must not be), in float16,
+   bfloat16 and float32, NCHW and channels-last, the gpu backend's results are compared
+   with the float64 reference, the fused forms of contract §8 too (BN + add + ReLU forward
+   and backward with dz; BN + LeakyReLU written over x, backward from y); a mismatch, or a
+   kernel no case reached, stops the run with exit status 1 before anything is timed. The
+   fused forms are checked, not timed: the timing budget goes to the plain passes.
 2. Time. ResNet-50's 53 BN layers (12 distinct shapes, weighted by how often each occurs) at
    batch 32 and 256, float16 / float32 / bfloat16, NCHW and channels-last: forward training
    (with the running-statistics update), backward (training) and inference, the gpu backend
@@ -58,6 +61,9 @@ STAT_TOLERANCE = 1e-4
 SUM_TOLERANCE = 1e-3
 # Check shapes: one small enough for the persistent kernels, one only the split kernels take.
 CHECK_SHAPES = ((4, 16, 8, 8), (32, 8, 64, 64))
+# The fused forms checked: name -> (activation, negative slope, residual, memory-saving)
+FUSED_CHECKS = {"add_relu": ("relu", 0.0, True, False),
+                "leaky_relu_in_place": ("leaky_relu", 0.1, False, True)}
 GPU_TARGET_F, GPU_TARGET_SPEEDUP = 0.85, 1.2
 
 
@@ -130,8 +136,10 @@ class CheckResult:
 
     @property
     def missed(self) -> set:
-        """(pass, algorithm) pairs no case reached (inference has the apply kernel only)."""
-        want = {(p, a) for p in ("forward", "backward", "backward_inference")
+        """(pass, algorithm) pairs no case reached (inference has the apply kernel only),
+        the fused forms' forward and backward among the passes."""
+        fused = [f"{p} {form}" for form in FUSED_CHECKS for p in ("forward", "backward")]
+        want = {(p, a) for p in ("forward", "backward", "backward_inference", *fused)
                 for a in ("persistent", "split")} | {("inference", "split")}
         return want - self.reached
 
@@ -217,7 +225,64 @@ def check(device, shapes=CHECK_SHAPES, dtypes=DTYPES, layouts=LAYOUTS) -> CheckR
                                                     check_finite=True)
                 if bad.cpu().tolist() != [c == 1 for c in range(shape[1])]:
                     res.mismatches.append(f"check_finite {where}: flagged {bad.cpu().tolist()}")
+                _check_spread(res, x.float(), g, b, layout, where)
+                _check_fused(res, x, dy, g, b, layout, where, tol)
     return res
+
+
+def _check_spread(res: CheckResult, x, g, b, layout, where: str) -> None:
+    """A channel with standard deviation 1e20 (float32 squares overflow, invstd 1e-20 does
+    not): its invstd must be right and the channel not flagged."""
+    from batchnorm import reference as ref
+    from batchnorm.backends import gpu
+
+    x = x.clone()
+    x[:, 1] = x[:, 1] * 1e20
+    _, _, inv, bad = gpu.forward_training(x, g, b, layout, eps=EPS, check_finite=True)
+    inv_r = ref.forward_training(x.double().cpu().numpy(), None, None, layout, eps=EPS)[2]
+    err = float(abs(inv[1].item() / inv_r[1] - 1.0))
+    if bool(bad.any()) or not err <= STAT_TOLERANCE:
+        res.mismatches.append(f"spread 1e20 {where}: invstd rel err {err:.3g}, flagged "
+                              f"{bad.cpu().tolist()}")
+
+
+def _check_fused(res: CheckResult, x, dy, g, b, layout, where: str, tol: float) -> None:
+    """The fused forms of :data:`FUSED_CHECKS`, forward and backward, against the reference."""
+    from batchnorm import reference as ref
+    from batchnorm._shapes import Epilogue
+    from batchnorm.backends import gpu
+
+    def host(t):
+        return None if t is None else t.double().cpu().numpy()
+
+    for form, (activation, slope, with_z, inplace) in FUSED_CHECKS.items():
+        epi = Epilogue(activation, slope)
+        z = dy * 2 if with_z else None  # dy's layout
+        xin = x.clone() if inplace else x
+        for pass_ in ("forward", "backward"):
+            res.reached.add((f"{pass_} {form}", gpu.launch_plan(
+                pass_, None if inplace and pass_ == "backward" else xin, layout, dy=dy,
+                y=xin, residual=z if pass_ == "forward" else None, epilogue=epi,
+                out=xin if inplace and pass_ == "forward" else None,
+                want_dz=with_z).algorithm))
+        y, mean, inv, _ = gpu.forward_training(xin, g, b, layout, eps=EPS, residual=z,
+                                               epilogue=epi, out=xin if inplace else None)
+        y_r, *_ = ref.forward_training(host(x), host(g), host(b), layout, eps=EPS,
+                                       residual=host(z), epilogue=epi)
+        got = [("y", y, y_r, tol)]
+        grads = gpu.backward(dy, None if inplace else x, g, mean, inv, layout, y=y, beta=b,
+                             epilogue=epi, residual=with_z)
+        want = ref.backward(host(dy), None if inplace else host(x), host(g), host(mean),
+                            host(inv), layout, y=host(y), beta=host(b), epilogue=epi,
+                            residual=with_z)
+        names = ("dx", "dgamma", "dbeta", "dz")
+        tols = (tol, SUM_TOLERANCE, SUM_TOLERANCE, tol)
+        got += [(n, v, w, t) for n, v, w, t in zip(names, grads, want, tols, strict=False)]
+        for name, v, w, t in got:
+            if not _err(v, w) <= t:
+                res.mismatches.append(f"{form} {name} {where}: max rel err {_err(v, w):.3g} "
+                                      f"> {t:g}")
+
 
 
 # ----------------------------------------------------------------------------- timing

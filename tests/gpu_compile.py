@@ -39,15 +39,24 @@ SMS = {90: 132, 80: 108}
 # Shared memory one program may use (opt-in maximum per block), bytes.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 REGISTERS_PER_SM = 65536
-# Kernels that stream whole tensors (the others touch per-channel vectors only), and how
-# many streamed tensors each reads; the ones marked True also write one.
-STREAMING = {
-    "fwd_partial_kernel": (1, False), "fwd_apply_kernel": (1, True),
-    "fwd_persistent_kernel": (1, True), "bwd_partial_kernel": (2, None),
-    "bwd_apply_kernel": (2, True), "bwd_persistent_kernel": (2, True),
-}
+# Kernels that stream whole tensors (the others touch per-channel vectors only).
+STREAMING = ("fwd_partial_kernel", "fwd_apply_kernel", "fwd_persistent_kernel",
+             "bwd_partial_kernel", "bwd_apply_kernel", "bwd_persistent_kernel")
 STRIDE_ARGS = {"sxa", "sxc", "sxb", "sya", "syc", "syb", "sda", "sdc", "sdb", "sga", "sgc",
-               "sgb"}
+               "sgb", "sza", "szc", "szb"}
+
+
+def streamed(kernel: str, k: dict) -> tuple[int, int]:
+    """(tensors read, tensors written) whole by a streaming kernel with constexprs ``k``."""
+    if kernel == "fwd_partial_kernel":
+        return 1, 0
+    if kernel.startswith("fwd"):
+        return 1 + k["HAS_RES"], 1                       # x (z) -> y
+    xhat = kernel != "bwd_apply_kernel" or k["TRAINING"]  # inference dx needs no xhat
+    reads = 1 + (xhat and not k["FROM_Y"]) + (k["HAS_ACT"] or (xhat and k["FROM_Y"]))
+    if kernel == "bwd_partial_kernel":                    # dx (dz) only in inference
+        return reads, k["WRITE_DX"] * (1 + k["WRITE_DZ"])
+    return reads, 1 + k["WRITE_DZ"]                      # dy, x or y (y) -> dx (dz)
 
 
 @dataclass(frozen=True)
@@ -64,13 +73,14 @@ class Case:
     affine: tuple[bool, bool] = (True, True)  # gamma, beta
     running: tuple[bool, bool] = (True, True)  # running_mean, running_var
     check_finite: bool = False
+    form: str = "plain"  # a key of FORMS
 
     @property
     def label(self) -> str:
         flags = "".join(k for k, v in zip("gbmv", (*self.affine, *self.running),
                                           strict=True) if v)
         return (f"{self.name} {self.shape} {self.dtype} {self.memory_format} {self.pass_}"
-                f" [{flags}{' check' if self.check_finite else ''}]")
+                f" {self.form} [{flags}{' check' if self.check_finite else ''}]")
 
 
 # name -> (shape, memory format, mode, channel_axis). The launch plan picks the algorithm;
@@ -108,7 +118,48 @@ SHAPES = {
                                                   "spatial", 1),
 }
 PASSES = ("forward", "inference", "backward", "backward_inference")
+PHASES = ("moments", "apply", "grad_sums", "grad_apply", "grad_apply_inference")
 ALL_DTYPES = ("float32", "float16", "bfloat16")
+# The fused forms of contract §8: name -> (residual, activation, memory-saving). Forward a
+# residual is read (HAS_RES), backward dz written (WRITE_DZ); the activation is leaky_relu
+# (relu is the same variant, slope 0); memory-saving forward writes y over x (out=x: the
+# same variants, other pointers), backward reads y instead of x (FROM_Y).
+FORMS = {
+    "plain": (False, False, False),
+    "act": (False, True, False),
+    "add": (True, False, False),
+    "add_act": (True, True, False),
+    "inplace": (False, False, True),
+    "inplace_act": (False, True, True),
+}
+# Each fused form on a persistent and a split shape of both layouts, float32 on two of the
+# four and float16 on the other two, swapped from one form to the next: each form meets
+# both dtypes on both algorithms. Then the persistent tiles at their register budgets with
+# two tensors held (forward with a residual, backward from y) and three (backward with an
+# activation and x), 64-bit indexing with the residual's and dz's strides, and the phases.
+FUSED_SHAPES = ("nchw small", "nchw large", "channels_last small", "channels_last large")
+FUSED_LARGEST = {
+    # name -> (shape, memory format, forms, passes)
+    "nchw persistent largest, 2 held": ((16, 512, 32, 32), "contiguous", ("add_act",),
+                                        ("forward",)),
+    "nchw 7x7 persistent largest, 2 held": ((128, 512, 7, 7), "contiguous", ("add_act",),
+                                            ("forward",)),
+    "channels_last persistent largest, 2 held": ((1, 64, 16, 16), "channels_last",
+                                                 ("add_act", "inplace_act"),
+                                                 ("forward", "backward")),
+    "nchw persistent largest, 3 held": ((8, 512, 32, 32), "contiguous", ("act",),
+                                        ("backward",)),
+    "nchw backward persistent largest, from y": ((16, 512, 32, 32), "contiguous",
+                                                 ("inplace_act",), ("backward",)),
+    "nchw 7x7 persistent largest, 3 held": ((128, 512, 7, 7), "contiguous",
+                                            ("act", "inplace_act"), ("backward",)),
+    "channels_last persistent largest, 3 held": ((2, 64, 8, 8), "channels_last", ("act",),
+                                                 ("backward",)),
+}
+PHASE_FORMS = {"moments": ("plain",), "apply": ("plain", "add_act"),
+               "grad_sums": ("plain", "act", "inplace_act"),
+               "grad_apply": ("plain", "add_act", "inplace_act"),
+               "grad_apply_inference": ("plain", "add_act", "inplace")}
 # (gamma, beta, running_mean, running_var, check_finite): every pair of these flags takes all
 # four value pairs in some row (an orthogonal array), plus all on; 9 compiles, not 32.
 PAIRWISE_FLAGS = [tuple(bool(int(c)) for c in row) for row in (
@@ -116,13 +167,14 @@ PAIRWISE_FLAGS = [tuple(bool(int(c)) for c in row) for row in (
 
 
 def cases() -> list[Case]:
-    """The grid: every shape in every pass and dtype (bfloat16 on the main layouts), then
+    """The grid: every shape in every pass and dtype (bfloat16 on four of them), then
     the optional inputs and check_finite, pairwise, on a small (persistent) and a large
     (split) shape."""
     out = []
     for name, (shape, fmt, mode, axis) in SHAPES.items():
-        main = name.split(" ")[0] in ("nchw", "channels_last") and "int64" not in name
-        for dtype in ALL_DTYPES if main else ALL_DTYPES[:2]:
+        # bfloat16 is loaded and stored like float16 (same registers, same tiles): the
+        # persistent and split shapes of both layouts show it compiles
+        for dtype in ALL_DTYPES if name in FUSED_SHAPES else ALL_DTYPES[:2]:
             for pass_ in PASSES:
                 out.append(Case(name, shape, dtype, pass_, fmt, mode, axis))
     for name in ("nchw small", "nchw large"):
@@ -133,6 +185,35 @@ def cases() -> list[Case]:
         for g in (False, True):
             for pass_ in PASSES:
                 out.append(Case(name, shape, "float32", pass_, fmt, mode, axis, (g, not g)))
+    dtypes = ("float32", "float16", "float16", "float32")
+    for i, form in enumerate(f for f in FORMS if f != "plain"):
+        for j, name in enumerate(FUSED_SHAPES):
+            shape, fmt, mode, axis = SHAPES[name]
+            dtype = dtypes[(i + j) % 4]
+            # training on all four; inference (the apply kernel with the variance, the
+            # partial-sums kernel writing dx) on one layout per algorithm, alternating
+            passes = PASSES if (j in (0, 3)) == (i % 2 == 0) else ("forward", "backward")
+            for pass_ in passes:
+                out.append(Case(name, shape, dtype, pass_, fmt, mode, axis, form=form))
+        # beta given and not (it shifts the recovery from y)
+        if FORMS[form][2]:
+            shape, fmt, mode, axis = SHAPES["nchw large"]
+            out.append(Case("nchw large", shape, "float32", "backward", fmt, mode, axis,
+                            (True, False), form=form))
+    for name, (shape, fmt, forms, passes) in FUSED_LARGEST.items():
+        for dtype in ALL_DTYPES[:2]:
+            for form in forms:
+                for pass_ in passes:
+                    out.append(Case(name, shape, dtype, pass_, fmt, form=form))
+    shape, fmt, mode, axis = SHAPES["nchw int64"]
+    for pass_ in ("forward", "backward"):
+        out.append(Case("nchw int64", shape, "float16", pass_, fmt, mode, axis,
+                        form="add_act"))
+    for pass_, forms in PHASE_FORMS.items():
+        for name, dtype in (("nchw large", "float16"), ("channels_last large", "float32")):
+            shape, fmt, mode, axis = SHAPES[name]
+            for form in forms:
+                out.append(Case(name, shape, dtype, pass_, fmt, mode, axis, form=form))
     return out
 
 
@@ -337,23 +418,49 @@ def _make_inputs(case: Case):
 
 
 def run_case(case: Case, plans: list) -> None:
-    """Call the launcher of the case's pass (under :func:`compiling_for`), first appending
-    the plan it will follow to ``plans``."""
+    """Call the launcher of the case's pass or phase (under :func:`compiling_for`), first
+    appending the plan it will follow to ``plans``."""
     import torch
 
+    from batchnorm._shapes import Epilogue
     from batchnorm.backends import gpu
 
     x, layout, gamma, beta, rm, rv = _make_inputs(case)
+    residual, act, memsave = FORMS[case.form]
+    forward = case.pass_ in ("forward", "inference", "moments", "apply")
+    epilogue = Epilogue("leaky_relu", 0.1) if act else None
     dy = torch.empty_like(x)
-    plans.append(gpu.launch_plan(case.pass_, x, layout, dy=dy, check_finite=case.check_finite))
+    z = torch.empty_like(x) if residual and forward else None
+    y = torch.empty_like(x) if not forward and (act or memsave) else None
+    xin = None if memsave and not forward else x
+    out = x if memsave and forward else None
+    fused = dict(epilogue=epilogue)
+    plans.append(gpu.launch_plan(case.pass_, xin, layout, dy=dy, y=y, residual=z, out=out,
+                                 want_dz=residual, check_finite=case.check_finite, **fused))
     stat = torch.empty(layout.param_shape, device="meta", dtype=torch.float32)
+    # the phases get the float64 statistics of merged moments, as SyncBatchNorm has them
+    merged = torch.empty(layout.param_shape, device="meta", dtype=torch.float64)
     if case.pass_ == "forward":
         gpu.forward_training(x, gamma, beta, layout, eps=1e-5, momentum=0.1, running_mean=rm,
-                             running_var=rv, check_finite=case.check_finite)
+                             running_var=rv, check_finite=case.check_finite, out=out,
+                             residual=z, **fused)
     elif case.pass_ == "inference":
-        gpu.forward_inference(x, gamma, beta, stat, stat, layout, eps=1e-5)
+        gpu.forward_inference(x, gamma, beta, stat, stat, layout, eps=1e-5, out=out,
+                              residual=z, **fused)
+    elif case.pass_ == "moments":
+        gpu.moments(x, layout)
+    elif case.pass_ == "apply":
+        gpu.apply(x, merged, merged, gamma, beta, layout, out=out, residual=z, **fused)
+    elif case.pass_ == "grad_sums":
+        gpu.grad_sums(dy, xin, merged, merged, layout, y=y, gamma=gamma, beta=beta, **fused)
+    elif case.pass_.startswith("grad_apply"):
+        gpu.grad_apply(dy, xin, merged, merged, gamma, (stat, stat), layout,
+                       count=layout.count,
+                       training=case.pass_ == "grad_apply", y=y, beta=beta,
+                       want_dz=residual, **fused)
     else:
-        gpu.backward(dy, x, gamma, stat, stat, layout, training=case.pass_ == "backward")
+        gpu.backward(dy, xin, gamma, stat, stat, layout, training=case.pass_ == "backward",
+                     y=y, beta=beta, residual=residual, **fused)
 
 
 def compile_all(arch: int, grid: list[Case] | None = None) -> list[Variant]:

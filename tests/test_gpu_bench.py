@@ -109,14 +109,18 @@ SPLIT = (("PERSISTENT_MAX_ELEMS", 0), ("PERSISTENT_MAX_ELEMS_CL", 0), ("TILE_ELE
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 def test_check_passes_and_reaches_every_kernel(monkeypatch):
-    shapes = ((2, 4, 3, 3),)
-    first = B.check("cpu", shapes=shapes)
+    """Every kernel, the fused forms' too; two of the three dtypes (the interpreter is slow;
+    the dtype does not change which kernels run)."""
+    shapes, dtypes = ((2, 4, 3, 3),), ("float16", "bfloat16")
+    first = B.check("cpu", shapes=shapes, dtypes=dtypes)
     assert first.mismatches == []
     assert first.missed  # the persistent kernels alone on this shape
+    assert {("forward add_relu", "persistent"),
+            ("backward leaky_relu_in_place", "persistent")} <= first.reached
     with monkeypatch.context() as m:
         for name, value in SPLIT:
             m.setattr(gpu, name, value)
-        second = B.check("cpu", shapes=shapes)
+        second = B.check("cpu", shapes=shapes, dtypes=dtypes)
     assert second.mismatches == []
     first.reached |= second.reached
     assert first.ok and not first.missed
@@ -129,3 +133,16 @@ def test_check_reports_a_wrong_kernel(monkeypatch):
     res = B.check("cpu", shapes=((2, 4, 3, 3),), dtypes=("float32",), layouts=("nchw",))
     assert len(res.mismatches) == 1 and res.mismatches[0].startswith("inference y")
     assert not res.ok
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
+def test_check_reports_a_wrong_fused_kernel(monkeypatch):
+    real = gpu.backward
+
+    def wrong_dz(*a, **k):
+        out = real(*a, **k)
+        return (*out[:3], out[3] * 1.01) if k.get("residual") else out
+
+    monkeypatch.setattr(gpu, "backward", wrong_dz)
+    res = B.check("cpu", shapes=((2, 4, 3, 3),), dtypes=("float32",), layouts=("nchw",))
+    assert [m.split(" (")[0] for m in res.mismatches] == ["add_relu dz"]

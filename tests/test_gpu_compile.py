@@ -5,9 +5,11 @@ the interpreter) drives the launchers on meta tensors under a stand-in Triton dr
 compiles each distinct variant with Triton's compiler and the ``ptxas`` in its wheel. These
 tests then hold every variant to what a device needs: it compiles; it spills nothing and
 uses no stack; its registers and shared memory fit one program on an SM; on contiguous,
-aligned float32 / float16 inputs the streaming kernels load and store 128 bits at a time;
-a 64-bit-indexed variant multiplies strides in 64 bits. A failure names the target, the
-kernel, its constexprs and pointer dtypes, the call that chose it, and the reason.
+aligned float32 / float16 inputs the streaming kernels load and store every tensor they
+stream 128 bits at a time; a 64-bit-indexed variant multiplies strides in 64 bits. The grid
+holds every fused form (residual, activation, the memory-saving mode) and every phase. A
+failure names the target, the kernel, its constexprs and pointer dtypes, the call that
+chose it, and the reason.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ def test_one_program_fits_an_sm(variants, arch):
 
 @pytest.mark.parametrize("arch", TARGETS)
 def test_streaming_kernels_move_128_bits_at_a_time(variants, arch):
-    """Contiguous float32 / float16 inputs whose strides are multiples of 16 elements."""
+    """Contiguous float32 / float16 inputs whose strides are multiples of 16 elements: every
+    tensor a variant streams (x, the residual, dy, y; y, dx, dz written) moves 128 bits at a
+    time."""
     problems, checked = [], 0
     for v in variants[arch]:
         dtype = v["dtypes"].get("x_ptr")
@@ -104,18 +108,17 @@ def test_streaming_kernels_move_128_bits_at_a_time(variants, arch):
                 dtype not in ("float32", "float16"):
             continue
         checked += 1
-        reads, writes = G.STREAMING[v["kernel"]]
-        if writes is None:  # bwd_partial writes dx only in inference backward
-            writes = v["constexprs"]["WRITE_DX"]
+        reads, writes = G.streamed(v["kernel"], v["constexprs"])
         if v["vector_loads"] < reads:
             problems.append(f"{where(v)}: {v['vector_loads']} 128-bit loads for {reads} "
                             "streamed input(s)")
-        if writes and v["vector_stores"] < 1:
-            problems.append(f"{where(v)}: no 128-bit store")
+        if v["vector_stores"] < writes:
+            problems.append(f"{where(v)}: {v['vector_stores']} 128-bit stores for {writes} "
+                            "streamed output(s)")
         if dtype == "float16" and v["scalar_16bit"]:
             problems.append(f"{where(v)}: {v['scalar_16bit']} scalar 16-bit global accesses")
     fail_on(problems)
-    assert checked >= 40, f"only {checked} aligned streaming variants were checked"
+    assert checked >= 100, f"only {checked} aligned streaming variants were checked"
 
 
 @pytest.mark.parametrize("arch", TARGETS)
@@ -139,8 +142,21 @@ def test_the_grid_reaches_every_choice(variants):
         return {v["constexprs"][flag] for v in vs if flag in v["constexprs"]}
 
     for flag in ("HAS_GAMMA", "HAS_BETA", "HAS_RMEAN", "HAS_RVAR", "CHECK", "FROM_VAR",
-                 "TRAINING", "WRITE_DX"):
+                 "TRAINING", "WRITE_DX", "HAS_RES", "HAS_ACT", "FROM_Y", "WRITE_DZ", "MOMENTS"):
         assert values(flag) == {False, True}, flag
+
+    def combos(kernel, *flags):
+        return {tuple(v["constexprs"][f] for f in flags) for v in vs if v["kernel"] == kernel}
+
+    # every epilogue of every streaming kernel (the forward's in place are the same variants)
+    every = {(a, b) for a in (False, True) for b in (False, True)}
+    for kernel in ("fwd_apply_kernel", "fwd_persistent_kernel"):
+        assert combos(kernel, "HAS_RES", "HAS_ACT") == every, kernel
+    backward_forms = {(False, False, False), (True, False, False), (False, False, True),
+                      (True, False, True), (False, True, False), (True, True, False)}
+    for kernel in ("bwd_partial_kernel", "bwd_apply_kernel", "bwd_persistent_kernel"):
+        assert combos(kernel, "HAS_ACT", "FROM_Y", "WRITE_DZ") >= backward_forms, kernel
+    assert combos("bwd_apply_kernel", "TRAINING", "WRITE_DZ") == every
     assert values("I64") == {0, 1, 2}
     algorithms = {(v["kernel"].split("_")[0], "persistent" in v["kernel"]) for v in vs}
     assert algorithms == {("fwd", True), ("fwd", False), ("bwd", True), ("bwd", False)}

@@ -148,9 +148,11 @@ def test_bench_gpu_plan_command(tmp_path, capsys):
     assert cli.main(["bench", "--gpu-plan", "--batch", "32", "--csv", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.count("not a timing") >= 5  # the heading, every table title, the totals
-    assert "network totals" in out and "targets (forward and backward)" in out
+    assert "network totals" in out and "targets (forward and backward, every form)" in out
+    assert "ResNet-50 fused" in out and "bn+add+relu" in out
     rows = path.read_text().splitlines()
-    assert len(rows) == 1 + 12 * len(gpu_plan.DTYPES) * len(gpu_plan.LAYOUTS) * 3
+    assert len(rows) == 1 + 12 * len(gpu_plan.DTYPES) * len(gpu_plan.LAYOUTS) * 3 * len(
+        gpu_plan.FORMS)
 
 
 def test_target_check():
@@ -158,7 +160,8 @@ def test_target_check():
 
     def row(**kw):
         base = dict(batch=32, dtype="float16", layout="nchw", channels=64, hw=56, count=1,
-                    x_bytes=2 << 20, pass_="forward", algorithm="split", bytes_moved=150,
+                    x_bytes=2 << 20, form="bn", pass_="forward", algorithm="split",
+                    bytes_moved=150,
                     min_bytes=100, ratio=1.5, launches=3, programs_per_sm=4.0)
         return {**base, **kw}
 
@@ -171,3 +174,154 @@ def test_target_check():
     # small layers and inference are not held to the waves and launch targets
     assert gpu_plan.check_targets([row(x_bytes=1 << 19, programs_per_sm=0.5, bytes_moved=100),
                                    row(pass_="inference", launches=9, bytes_moved=100)]) == []
+
+
+# ----------------------------------------------------------------------------- fused forms
+
+
+def test_fused_forms_stream_and_count_their_tensors():
+    """The residual is read, y read backward with an activation, dz written, x not read in
+    the memory-saving mode; the minimum is one read or write of each streamed tensor."""
+    from batchnorm._shapes import Epilogue
+
+    x = meta((16, 16, 64, 64))                      # split on 132 SMs
+    layout = resolve_layout(x.shape)
+    X, S = x.numel() * 4, None
+    relu = Epilogue("relu", 0.0)
+    fwd = gpu.launch_plan("forward", x, layout, residual=torch.empty_like(x), epilogue=relu,
+                          num_sms=132)
+    plain = gpu.launch_plan("forward", x, layout, num_sms=132)
+    assert fwd.streams == ("x", "z", "y") and fwd.min_bytes == 3 * X
+    assert fwd.algorithm == "split" and fwd.bytes_moved - plain.bytes_moved == X  # z, once
+    apply_ = {launch.kernel: launch for launch in fwd.launches}["fwd_apply_kernel"]
+    S = fwd.splits
+    assert apply_.bytes_read == 2 * X + 4 * S * 16 * 4
+
+    dy, y = torch.empty_like(x), torch.empty_like(x)
+    bwd = gpu.launch_plan("backward", x, layout, dy=dy, y=y, epilogue=relu, want_dz=True,
+                          num_sms=132)
+    assert bwd.streams == ("x", "dy", "y", "dx", "dz") and bwd.min_bytes == 5 * X
+    reads = [launch.bytes_read - launch.bytes_read % X for launch in bwd.launches]
+    writes = [launch.bytes_written - launch.bytes_written % X for launch in bwd.launches]
+    assert reads == [3 * X, 0, 3 * X] and writes == [0, 0, 2 * X]  # partial, merge, apply
+    # without an activation y is not read, whatever is passed
+    assert gpu.launch_plan("backward", x, layout, dy=dy, y=y).streams == ("x", "dy", "dx")
+    # inference backward writes dx and dz in the pass that takes the sums
+    binf = gpu.launch_plan("backward_inference", x, layout, dy=dy, y=y, epilogue=relu,
+                           want_dz=True, num_sms=132)
+    assert binf.launches[0].bytes_written - binf.launches[0].bytes_written % X == 2 * X
+
+
+def test_memory_saving_mode_plans():
+    """Forward in place streams what out-of-place does (y written over x); backward reads
+    y and dy instead of x and dy: the plain form's bytes."""
+    from batchnorm._shapes import Epilogue
+
+    leaky = Epilogue("leaky_relu", 0.1)
+    for shape in ((2, 3, 4, 4), (16, 16, 64, 64)):
+        x = meta(shape)
+        layout = resolve_layout(x.shape)
+        inplace = gpu.launch_plan("forward", x, layout, epilogue=leaky, out=x, num_sms=132)
+        assert inplace == gpu.launch_plan("forward", x, layout, num_sms=132)
+        from_y = gpu.launch_plan("backward", None, layout, y=torch.empty_like(x),
+                                 epilogue=leaky, num_sms=132)
+        plain = gpu.launch_plan("backward", x, layout, num_sms=132)
+        assert from_y.streams == ("dy", "y", "dx")
+        assert (from_y.algorithm, from_y.bytes_moved, from_y.min_bytes) == \
+            (plain.algorithm, plain.bytes_moved, plain.min_bytes)
+
+
+def test_persistent_budget_counts_every_tensor_held():
+    """A persistent program holds every tensor it reads: a slice that fits with one (or
+    two) does not with two (or three), and the call splits."""
+    from batchnorm._shapes import Epilogue
+
+    relu = Epilogue("relu", 0.0)
+    x = meta((32, 16, 32, 32))                       # 32768 values per channel
+    layout = resolve_layout(x.shape)
+    assert gpu.launch_plan("forward", x, layout).algorithm == "persistent"
+    assert gpu.launch_plan("forward", x, layout,
+                           residual=torch.empty_like(x)).algorithm == "split"
+    x = meta((16, 16, 32, 32))                       # 16384 values per channel
+    layout = resolve_layout(x.shape)
+    p = gpu.launch_plan("backward", x, layout)
+    assert p.algorithm == "persistent" and p.num_warps == 32
+    assert gpu.launch_plan("backward", x, layout, y=torch.empty_like(x),
+                           epilogue=relu).algorithm == "split"
+    small = meta((8, 16, 32, 32))                    # 8192 values: three fit, 32 warps
+    p = gpu.launch_plan("backward", small, resolve_layout(small.shape),
+                        y=torch.empty_like(small), epilogue=relu)
+    assert p.algorithm == "persistent" and p.num_warps == 32
+
+
+def test_phase_plans():
+    """The phases are the split kernels one by one: moments reads x once; apply reads x
+    (and z) and writes y; grad_sums reads and writes no whole tensor but its inputs;
+    grad_apply writes dx (and dz); inference's grad_apply reads neither x nor sums."""
+    from batchnorm._shapes import Epilogue
+
+    x = meta((2, 3, 4, 4))  # small enough for the persistent composites; phases split
+    layout = resolve_layout(x.shape)
+    X = x.numel() * 4
+    plans = {p: gpu.launch_plan(p, x, layout, num_sms=132) for p in gpu.PHASES}
+    assert {p: kernels(plan) for p, plan in plans.items()} == {
+        "moments": ["fwd_partial_kernel", "fwd_finalize_kernel"],
+        "apply": ["fwd_apply_kernel"],
+        "grad_sums": ["bwd_partial_kernel", "bwd_finalize_kernel"],
+        "grad_apply": ["bwd_apply_kernel"],
+        "grad_apply_inference": ["bwd_apply_kernel"],
+    }
+    assert all(p.algorithm == "split" for p in plans.values())
+    assert plans["moments"].streams == ("x",) and plans["moments"].min_bytes == X
+    assert plans["grad_sums"].streams == ("x", "dy")
+    assert plans["grad_apply_inference"].streams == ("dy", "dx")
+    relu = gpu.launch_plan("grad_apply_inference", None, layout, y=torch.empty_like(x),
+                           epilogue=Epilogue("relu", 0.0), want_dz=True)
+    assert relu.streams == ("dy", "y", "dx", "dz")
+
+
+def test_resnet50_epilogues_match_the_model():
+    """RESNET50_EPILOGUES against networks.resnet50(): each BN by its place in the model
+    (the stem's and bn1, bn2 end in a ReLU, bn3 in the add and ReLU, the shortcut's in the
+    add alone), counted by input shape."""
+    import collections
+
+    from batchnorm.cli.networks import RESNET50, RESNET50_EPILOGUES, resnet50
+
+    with torch.device("meta"):
+        model = resnet50()
+    seen = collections.Counter()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            last = name.rsplit(".", 1)[-1]
+            form = ("add_relu" if last == "bn3" else None if "downsample" in name
+                    else "relu")
+            m.register_forward_pre_hook(
+                lambda _m, inputs, form=form: seen.update([(inputs[0].shape[1],
+                                                            inputs[0].shape[2], form)]))
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    want = collections.Counter({(c, hw, form): n for (c, hw), forms in
+                                RESNET50_EPILOGUES.items() for form, n in forms.items()})
+    assert seen == want
+    assert {k: sum(v.values()) for k, v in RESNET50_EPILOGUES.items()} == dict(RESNET50)
+
+
+def test_fused_network_total_weighs_each_layer_in_its_form():
+    from batchnorm.cli import gpu_plan
+
+    rows = gpu_plan.plan_rows([8], dtypes=("float16",), layouts=("nchw",), num_sms=132)
+    t = gpu_plan.totals(rows)
+    case = (8, "float16", "nchw")
+
+    def total(form, pass_, key):
+        return t[(*case, form, pass_)][key]
+
+    by_form = {f: [r for r in rows if r["form"] == f and r["pass_"] == "forward"]
+               for f in ("bn", "bn+relu", "bn+add+relu")}
+    want = sum(r["min_bytes"] * gpu_plan.RESNET50_EPILOGUES[(r["channels"], r["hw"])].get(e, 0)
+               for f, e in (("bn", None), ("bn+relu", "relu"), ("bn+add+relu", "add_relu"))
+               for r in by_form[f])
+    assert total(gpu_plan.FUSED_NETWORK, "forward", "min_bytes") == want
+    assert total("bn+add+relu", "forward", "min_bytes") == \
+        total("bn", "forward", "min_bytes") * 3 // 2

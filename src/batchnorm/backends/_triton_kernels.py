@@ -238,12 +238,17 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
         d = tl.where(mask, v - _bcast(mean_t), 0.0)
         m2_t = _sum_ab(d * d)
         n, mean, m2 = _chan_merge(n, mean, m2, n_t, mean_t, m2_t)
+    c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c1 < C
     r = tl.sqrt(m2)
-    keep = _finite(mean) & _finite(r)
-    if _any(~keep):  # a sum overflowed (or x holds Inf / NaN): the tiles again, scaled
-        n_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        mean_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        r_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    tl.store(pn_ptr + ps * C + c1, n, mask=cmask)
+    tl.store(pmean_ptr + ps * C + c1, mean, mask=cmask)
+    tl.store(pr_ptr + ps * C + c1, r, mask=cmask)
+    redo = cmask & ~(_finite(mean) & _finite(r))
+    if _any(redo):  # a sum overflowed (or x holds Inf / NaN): the tiles again, scaled
+        n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        r = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for t in range(t0, t1):
             a0, c0, b0, ra, rc, rb, mask = _tile(pc, t, n_tb, A, C, B, BLOCK_A, BLOCK_C,
                                                  BLOCK_B, I64)
@@ -252,14 +257,9 @@ def fwd_partial_kernel(x_ptr, sxa, sxc, sxb, A, C, B, n_tb, T, TPP,
             n_t = _sum_ab(mask.to(tl.float32))
             mean_t = _scaled_mean(v, tl.maximum(n_t, 1.0))
             r_t = _scaled_root(tl.where(mask, v - _bcast(mean_t), 0.0))
-            n_s, mean_s, r_s = _chan_merge_root(n_s, mean_s, r_s, n_t, mean_t, r_t)
-        mean = tl.where(keep, mean, mean_s)
-        r = tl.where(keep, r, r_s)
-    c1 = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c1 < C
-    tl.store(pn_ptr + ps * C + c1, n, mask=cmask)
-    tl.store(pmean_ptr + ps * C + c1, mean, mask=cmask)
-    tl.store(pr_ptr + ps * C + c1, r, mask=cmask)
+            n, mean, r = _chan_merge_root(n, mean, r, n_t, mean_t, r_t)
+        tl.store(pmean_ptr + ps * C + c1, mean, mask=redo)
+        tl.store(pr_ptr + ps * C + c1, r, mask=redo)
 
 
 @triton.jit
@@ -432,7 +432,7 @@ def _bwd_tile(x_ptr, sxa, sxc, sxb, dy_ptr, sda, sdc, sdb, y_ptr, sya, syc, syb,
     once for both. Without XHAT the second value is g again (not used)."""
     g = tl.load(_at(dy_ptr, a0, c0, b0, ra, rc, rb, sda, sdc, sdb), mask=mask,
                 other=0.0).to(tl.float32)
-    if HAS_ACT or FROM_Y:
+    if HAS_ACT or (FROM_Y and XHAT):
         yv = tl.load(_at(y_ptr, a0, c0, b0, ra, rc, rb, sya, syc, syb), mask=mask,
                      other=0.0).to(tl.float32)
         if HAS_ACT:

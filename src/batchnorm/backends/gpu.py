@@ -840,8 +840,11 @@ class _Grad:
         g, b = _param(gamma, dev), _param(beta, dev)
         mu, inv = _param(mean, dev), _param(invstd, dev)
         self.channel = (mu, inv, _or(g, inv), _or(b, inv), slope)
-        self.flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_ACT=act,
-                          FROM_Y=x is None)
+        # beta and the recovery from y matter only where xhat is recovered: fixed elsewhere,
+        # so that calls computing the same thing share one compiled variant
+        from_y = x is None and pass_ != "grad_apply_inference"
+        self.flags = dict(HAS_GAMMA=g is not None, HAS_BETA=from_y and b is not None,
+                          HAS_ACT=act, FROM_Y=from_y)
 
     @property
     def split(self) -> tuple:
@@ -950,9 +953,10 @@ def backward(dy, x, gamma, mean, invstd, layout, *, training=True, out=None, y=N
     Inference: dx = gamma * invstd * g
     with g = dy * act'(pre), dbeta = sum(g), dgamma = sum(g * xhat), dz = g.
 
-    What it reads: dy, x (or, with ``x=None``, y: xhat = (act^-1(y) - beta) / gamma) and y
-    with an activation: ``(2 + [activation and x kept]) * itemsize`` bytes per element, plus
-    the per-channel statistics, gamma and beta.
+    What it needs saved from the forward (contract §8): x, ``itemsize`` bytes per element;
+    x and y with an activation (y's sign gives act'), ``2 * itemsize``; y alone in the
+    memory-saving mode (``x=None``: xhat = (act^-1(y) - beta) / gamma), ``itemsize``; plus
+    the per-channel mean, invstd, gamma and beta.
 
     Args:
         dy: [layout.shape] CUDA tensor; x: the forward's input, or None in the memory-saving

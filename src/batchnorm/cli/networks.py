@@ -10,6 +10,16 @@ from __future__ import annotations
 RESNET50 = [((64, 112), 1), ((64, 56), 6), ((256, 56), 4), ((128, 56), 1), ((128, 28), 7),
             ((512, 28), 5), ((256, 28), 1), ((256, 14), 11), ((1024, 14), 7), ((512, 14), 1),
             ((512, 7), 5), ((2048, 7), 4)]
+# How each of RESNET50's layers ends, by shape: "relu" (BN -> ReLU: the stem, and bn1 and bn2
+# of every bottleneck), "add_relu" (BN -> add -> ReLU: bn3, which ends every bottleneck) and
+# None (the shortcut's BN on downsampling blocks, added unfused): the fused forms the layers
+# take when the model is fused (33, 16 and 4 layers).
+RESNET50_EPILOGUES = {
+    (64, 112): {"relu": 1}, (64, 56): {"relu": 6}, (256, 56): {"add_relu": 3, None: 1},
+    (128, 56): {"relu": 1}, (128, 28): {"relu": 7}, (512, 28): {"add_relu": 4, None: 1},
+    (256, 28): {"relu": 1}, (256, 14): {"relu": 11}, (1024, 14): {"add_relu": 6, None: 1},
+    (512, 14): {"relu": 1}, (512, 7): {"relu": 5}, (2048, 7): {"add_relu": 3, None: 1},
+}
 # (group, shape): BatchNorm1d shapes, a few-channel stressor, and a tiny per-call probe
 EXTRA = [("bn1d", (256, 4096)), ("bn1d", (4096, 256)), ("few-channel", (20, 6, 65536)),
          ("tiny", (8, 64, 8, 8))]
