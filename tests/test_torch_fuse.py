@@ -621,3 +621,17 @@ def test_resnet50_is_fused_in_every_block():
     _, report = fuse(bnt.convert_model(resnet50(10)), report=True)
     assert len(report.fused) == 49
     assert [bn for bn, _ in report.left] == [f"{i}.downsample.1" for i in (4, 7, 11, 17)]
+
+
+def test_the_fused_model_compiles_whole():
+    torch.manual_seed(0)
+    model = init(nn.Sequential(BasicBlock(4, 4), nn.Flatten()))
+    fused = fuse(model)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 5, 5)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = compiled(x1), fused(x2)
+    assert_close(y1, y2, torch.float32, name="compiled output")
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    assert_close(x1.grad, x2.grad, torch.float32, name="compiled input gradient")
