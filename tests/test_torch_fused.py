@@ -174,8 +174,8 @@ def _torch_composition(bn, x, z, activation, slope):
 
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype,momentum", [(torch.float64, 0.1), (torch.float32, None)],
+                         ids=["float64", "float32-cumulative"])
 def test_module_matches_torch_nn_composition(form, layout, dtype, momentum):
     """BatchNormAct2d against torch.nn.BatchNorm2d + add + relu / leaky_relu, three training
     steps then eval: outputs, every gradient, running statistics, num_batches_tracked."""
