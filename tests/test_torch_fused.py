@@ -446,6 +446,37 @@ def test_inplace_first_order_keeps_nothing_else(monkeypatch, route):
     assert not calls and x0.grad is not None
 
 
+@pytest.mark.parametrize("case,activations", [("relu", 2), ("add", 1), ("add_relu", 2),
+                                               ("inplace_leaky", 1), ("inplace_identity", 1)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_what_backward_keeps(case, activations, training):
+    """The input-sized tensors autograd keeps (contract §8): x and y with an activation, x
+    alone without, y alone (in x's memory) in the memory-saving mode; the residual never."""
+    x, w, b, z, rm, rv, _ = make("nchw")
+    x0, z0 = x.clone().requires_grad_(), z.clone().requires_grad_()
+    w0 = w.clone().requires_grad_()
+    inplace = case.startswith("inplace")
+    activation = {"relu": "relu", "add": None, "add_relu": "relu", "inplace_leaky":
+                  "leaky_relu", "inplace_identity": None}[case]
+    saved = {}
+
+    def pack(t):
+        if t.numel() == x.numel():
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    xin = x0 * 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = batch_norm(xin, rm, rv, w0, b, training, activation=activation,
+                       residual=z0 if case.startswith("add") else None, inplace=inplace)
+    assert len(saved) == activations
+    assert z0.untyped_storage().data_ptr() not in saved
+    if inplace:
+        assert set(saved) == {xin.untyped_storage().data_ptr()} and y is xin
+    else:
+        assert xin.untyped_storage().data_ptr() in saved
+
+
 def test_inplace_returns_and_marks_the_input():
     x, w, b, _, rm, rv, _ = make("nchw")
     x0 = x.clone().requires_grad_()
