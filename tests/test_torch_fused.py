@@ -174,8 +174,8 @@ def _torch_composition(bn, x, z, activation, slope):
 
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype,momentum", [(torch.float64, 0.1), (torch.float32, None)],
+                         ids=["float64", "float32-cumulative"])
 def test_module_matches_torch_nn_composition(form, layout, dtype, momentum):
     """BatchNormAct2d against torch.nn.BatchNorm2d + add + relu / leaky_relu, three training
     steps then eval: outputs, every gradient, running statistics, num_batches_tracked."""
@@ -446,6 +446,37 @@ def test_inplace_first_order_keeps_nothing_else(monkeypatch, route):
     assert not calls and x0.grad is not None
 
 
+@pytest.mark.parametrize("case,activations", [("relu", 2), ("add", 1), ("add_relu", 2),
+                                               ("inplace_leaky", 1), ("inplace_identity", 1)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_what_backward_keeps(case, activations, training):
+    """The input-sized tensors autograd keeps (contract §8): x and y with an activation, x
+    alone without, y alone (in x's memory) in the memory-saving mode; the residual never."""
+    x, w, b, z, rm, rv, _ = make("nchw")
+    x0, z0 = x.clone().requires_grad_(), z.clone().requires_grad_()
+    w0 = w.clone().requires_grad_()
+    inplace = case.startswith("inplace")
+    activation = {"relu": "relu", "add": None, "add_relu": "relu", "inplace_leaky":
+                  "leaky_relu", "inplace_identity": None}[case]
+    saved = {}
+
+    def pack(t):
+        if t.numel() == x.numel():
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    xin = x0 * 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = batch_norm(xin, rm, rv, w0, b, training, activation=activation,
+                       residual=z0 if case.startswith("add") else None, inplace=inplace)
+    assert len(saved) == activations
+    assert z0.untyped_storage().data_ptr() not in saved
+    if inplace:
+        assert set(saved) == {xin.untyped_storage().data_ptr()} and y is xin
+    else:
+        assert xin.untyped_storage().data_ptr() in saved
+
+
 def test_inplace_returns_and_marks_the_input():
     x, w, b, _, rm, rv, _ = make("nchw")
     x0 = x.clone().requires_grad_()
@@ -512,7 +543,8 @@ def test_inplace_clamps_weight_away_from_zero(value, training):
     clamped = w.clone()
     if abs(value) < S.GAMMA_MIN:  # -0.0 >= 0: zero of either sign counts as positive
         clamped[1] = S.GAMMA_MIN if value >= 0 else -S.GAMMA_MIN
-    assert torch.equal(fused.clamp_away(w), clamped)
+    assert torch.equal(fused.clamp_away(w), clamped)  # NumPy on CPU, torch otherwise:
+    assert torch.equal(fused.clamp_away(w.clone().requires_grad_()), clamped)  # the same
     ins = run(x, w, b, None, rm, rv, dy, training, "leaky_relu", 0.2, inplace=True)
     out = run(x, clamped, b, None, rm, rv, dy, training, "leaky_relu", 0.2)
     assert torch.equal(ins[0], out[0])

@@ -276,17 +276,28 @@ def check_residual(z, x: Tensor) -> None:
         raise ArgumentError(f"`residual` is on {z.device} but the input is on {x.device}")
 
 
+_OVERLAPS: dict = {}
+
+
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether two elements of ``t`` may share memory (an expanded or otherwise overlapping
     view): sorted by stride, each dimension must step over all of the smaller ones. False
-    answers are exact; a True may be a layout torch would also refuse to prove safe."""
-    dims = sorted((abs(st), n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
-    span = 1
-    for stride, n in dims:
-        if stride < span:
-            return True
-        span = stride * n
-    return False
+    answers are exact; a True may be a layout torch would also refuse to prove safe. Cached
+    per (shape, strides)."""
+    key = (t.shape, t.stride())
+    found = _OVERLAPS.get(key)
+    if found is None:
+        dims = sorted((abs(st), n) for st, n in zip(key[1], key[0], strict=True) if n > 1)
+        span, found = 1, False
+        for stride, n in dims:
+            if stride < span:
+                found = True
+                break
+            span = stride * n
+        if len(_OVERLAPS) >= 256:
+            _OVERLAPS.clear()
+        _OVERLAPS[key] = found
+    return found
 
 
 def check_inplace_mode(act: S.Epilogue | None, residual: bool) -> None:
@@ -334,9 +345,11 @@ def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
                             "tensor refers to a single memory location. Please clone() the "
                             "tensor before performing the operation.")
     if x.numel():
-        storage = x.untyped_storage().data_ptr()
+        storage = x.untyped_storage()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
         for t in others:
-            if t is not None and t.numel() and t.untyped_storage().data_ptr() == storage:
+            if t is not None and t.numel() and start <= t.data_ptr() < end:
                 raise ArgumentError("unsupported operation: some elements of the input tensor "
                                     "and the written-to tensor refer to a single memory "
                                     "location. Please clone() the tensor before performing "
