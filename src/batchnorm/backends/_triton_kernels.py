@@ -15,10 +15,10 @@ channel passes about 1e17 (a sum of values, when they pass about 1e34), while th
 invstd, is still a normal float32. Between programs M2 is therefore carried as its square
 root ``r = sqrt(M2)`` (the partials, the merges, :func:`_finish_stats`), merged with a scaled
 hypot; within a program the fast sums stay as they are, and a program whose sums come out
-Inf or NaN sums its values again, each tile scaled by its largest magnitude (in registers
-for the persistent kernels, a second read of its tiles for the split ones). Finite channels
-pay one test per program; a channel whose input holds Inf or NaN pays the second read and
-still comes out non-finite, as it must (check_finite reports it).
+Inf or NaN sums its values again, scaled by fixed powers of two (:data:`SUM_SCALE`: in
+registers for the persistent kernels, a second read of its tiles for the split ones).
+Finite channels pay one test per program; a channel whose input holds Inf or NaN pays the
+second read and still comes out non-finite, as it must (check_finite reports it).
 
 The epilogue (contract §8): the forward kernels end in :func:`_epilogue` (residual add, then
 relu / leaky_relu, chosen by the constexprs HAS_RES and HAS_ACT; relu is slope 0), the
@@ -83,12 +83,6 @@ def _bcast(v):
 
 
 @triton.jit
-def _max_ab(v):
-    """Max of a [BLOCK_A, BLOCK_C, BLOCK_B] tile over A and B -> [BLOCK_C]."""
-    return tl.max(tl.max(v, axis=2), axis=0)
-
-
-@triton.jit
 def _finite(v):
     return (v == v) & (tl.abs(v) < float("inf"))
 
@@ -106,20 +100,26 @@ def _scale_of(s):
     return tl.where((s > 1e-37) & (s < float("inf")), s, 1.0)
 
 
+# Power-of-two scales of the overflow rescans: exact, and small enough that sums of scaled
+# values (any float32 times 2**-64) and of squared scaled deviations (times 2**-80) cannot
+# overflow. The terms they make subnormal (|x| < 2**-62, |d| < 2**17) are negligible
+# wherever the unscaled sum overflowed, and a channel whose sums did not keeps them.
+SUM_SCALE: tl.constexpr = tl.constexpr(2.0**-64)
+SQUARES_SCALE: tl.constexpr = tl.constexpr(2.0**-80)
+
+
 @triton.jit
 def _scaled_mean(v, n):
     """Mean over A and B of a tile (0 where masked) whose plain sum overflows float32."""
-    k = _scale_of(_max_ab(tl.abs(v)))
-    return k * (_sum_ab(v * _bcast(1.0 / k)) / n)
+    return (_sum_ab(v * SUM_SCALE) / n) * (1.0 / SUM_SCALE)
 
 
 @triton.jit
 def _scaled_root(d):
-    """sqrt(sum of d^2) over A and B of a tile (0 where masked), scaled so the squares
-    cannot overflow."""
-    k = _scale_of(_max_ab(tl.abs(d)))
-    u = d * _bcast(1.0 / k)
-    return k * tl.sqrt(_sum_ab(u * u))
+    """sqrt(sum of d^2) over A and B of a tile (0 where masked) whose plain sum of squares
+    overflows float32."""
+    u = d * SQUARES_SCALE
+    return tl.sqrt(_sum_ab(u * u)) * (1.0 / SQUARES_SCALE)
 
 
 @triton.jit
