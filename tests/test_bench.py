@@ -300,8 +300,9 @@ def test_bench_help_lists_modes_and_options(capsys):
         cli.main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--layers", "--kernels", "--train", "--compile", "--quick", "--threads",
-                 "--after-conv", "--pair", "--budget", "--only", "--compile-backend"):
+    for flag in ("--layers", "--kernels", "--train", "--compile", "--sync", "--quick",
+                 "--threads", "--after-conv", "--pair", "--budget", "--only",
+                 "--compile-backend", "--fused", "--processes"):
         assert flag in out
 
 
@@ -362,6 +363,64 @@ def test_train_tiny_run(capsys, tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert [r["provider"] for r in rows] == ["batchnorm.torch", "torch.nn"]
     assert all(int(r["bn_modules"]) == 53 and float(r["bn_ms"]) > 0 for r in rows)
+
+
+def test_train_fused_times_the_same_chains_in_both_models(capsys, tmp_path):
+    from batchnorm.cli import bench_train
+
+    base = resnet50(classes=10)
+    models = bench_train._models(base, fused=True)
+    theirs, ours = models["torch.nn"], models["batchnorm.torch fused"]
+    # 49 chains (BN + ReLU, BN + add + ReLU) and the 4 downsampling BNs, in both models
+    unfused = [m for m in bench_train.timed_modules(theirs) if hasattr(m, "activation")]
+    assert len(unfused) == 49 and len(bench_train.timed_modules(theirs)) == 53
+    assert all(type(m.bn) is torch.nn.BatchNorm2d for m in unfused)
+    assert len(bench_train.timed_modules(ours)) == 53
+    assert {type(m).__name__ for m in bench_train.timed_modules(ours)} == {"BatchNormAct2d",
+                                                                          "BatchNorm2d"}
+    # torch.nn's grouped model computes what the network computes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs.eval()(x), base.eval()(x))
+
+    path = tmp_path / "fused.csv"
+    assert cli.main(["bench", "--train", "--fused", "--batch", "2", "--image", "32",
+                     "--layout", "nhwc", "--reps", "3", "--budget", "0", "--warmup", "1",
+                     "--threads", "1", "--csv", str(path)]) == 0
+    assert "time inside BN, the residual add and ReLU" in capsys.readouterr().out
+    rows = list(csv.DictReader(path.open()))
+    assert [r["provider"] for r in rows] == ["batchnorm.torch fused", "torch.nn"]
+    assert all(r["timed"] == "bn+add+relu" and int(r["bn_modules"]) == 53 for r in rows)
+
+
+def test_sync_rows_take_the_collectives_out_of_the_ratio():
+    from batchnorm.cli import bench_sync
+
+    class Args:
+        pass
+
+    times = {"sync": [0.011, 0.0112, 0.0108], "local": [0.004, 0.004, 0.004],
+             "torch": [0.005, 0.005, 0.005], "collectives": [0.006, 0.006, 0.006]}
+    results = [dict(shape=[8, 64, 8, 8], count=3, layout="nchw", times=times)]
+    rows = bench_sync._rows(results, 2, 1, Args)
+    assert [r["shape"] for r in rows] == ["8x64x8x8", "total"]
+    assert rows[0]["beyond_collectives_ratio"] == pytest.approx(1.25)
+    assert rows[0]["sync_over_torch"] == pytest.approx(2.2)
+    assert rows[1]["sync_ms"] == pytest.approx(3 * 11.0) and rows[0]["status"] == "ok"
+    times["collectives"] = [0.02, 0.006, 0.006]  # a collective slower than the whole call
+    rows = bench_sync._rows(results, 2, 1, Args)
+    assert rows[0]["status"] == "invalid" and rows[1]["status"] == "invalid"
+
+
+def test_sync_tiny_run(capsys, tmp_path):
+    path = tmp_path / "sync.csv"
+    assert cli.main(["bench", "--sync", "--batch", "2", "--image", "16", "--only", "x2048x",
+                     "--layout", "nchw", "--reps", "3", "--threads", "2", "--csv",
+                     str(path)]) == 0
+    assert "SyncBatchNorm forward + backward on 2 gloo processes" in capsys.readouterr().out
+    rows = list(csv.DictReader(path.open()))
+    assert [r["shape"] for r in rows] == ["2x2048x1x1", "total"]
+    assert all(float(r["sync_ms"]) > 0 and float(r["collectives_ms"]) > 0 for r in rows)
 
 
 def test_compile_tiny_run(capsys):

@@ -92,10 +92,12 @@ def _close(name, got, want, dtype):
 
 def _check_against_plain(
     rank, sizes, tail, *, dtype=torch.float64, channels_last=False, momentum=0.3, group=None,
-    affine=True, functional=False, seed=0,
+    affine=True, functional=False, seed=0, activation=None, negative_slope=0.01,
+    residual=False,
 ):
-    """Shards of sizes[rank] along N vs F.batch_norm on the full batch: y, dx, dgamma, dbeta,
-    running statistics."""
+    """Shards of sizes[rank] along N vs F.batch_norm on the full batch (then + residual, then
+    the activation, in torch's own operations): y, dx, dgamma, dbeta, dz, running
+    statistics."""
     c = tail[0]
     gen = torch.Generator().manual_seed(seed)
     full = (sum(sizes),) + tuple(tail)
@@ -107,9 +109,12 @@ def _check_against_plain(
     rm0 = torch.randn(c, generator=gen, dtype=dtype)
     rv0 = torch.rand(c, generator=gen, dtype=dtype) + 0.5
 
+    z_full = torch.randn(full, generator=gen, dtype=dtype)
+
     lo = sum(sizes[:rank])
     x = x_full[lo : lo + sizes[rank]].clone()
     dy = dy_full[lo : lo + sizes[rank]].clone()
+    z = z_full[lo : lo + sizes[rank]].clone().requires_grad_(True) if residual else None
     if channels_last:
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x = x.contiguous(memory_format=fmt)
@@ -119,16 +124,18 @@ def _check_against_plain(
         w = gamma.clone().requires_grad_(True) if affine else None
         b = beta.clone().requires_grad_(True) if affine else None
         rm, rv = rm0.clone(), rv0.clone()
-        y = sync_batch_norm(x, rm, rv, w, b, True, momentum, 1e-5, group)
+        y = sync_batch_norm(x, rm, rv, w, b, True, momentum, 1e-5, group,
+                            activation=activation, negative_slope=negative_slope, residual=z)
     else:
-        m = SyncBatchNorm(c, momentum=momentum, affine=affine, process_group=group, dtype=dtype)
+        m = SyncBatchNorm(c, momentum=momentum, affine=affine, process_group=group, dtype=dtype,
+                          activation=activation, negative_slope=negative_slope)
         with torch.no_grad():
             m.running_mean.copy_(rm0)
             m.running_var.copy_(rv0)
             if affine:
                 m.weight.copy_(gamma)
                 m.bias.copy_(beta)
-        y = m(x)
+        y = m(x, z)
         w, b, rm, rv = m.weight, m.bias, m.running_mean, m.running_var
     y.backward(dy)
 
@@ -136,7 +143,14 @@ def _check_against_plain(
     wr = gamma.clone().requires_grad_(True) if affine else None
     br = beta.clone().requires_grad_(True) if affine else None
     rmr, rvr = rm0.clone(), rv0.clone()
+    zr = z_full.clone().requires_grad_(True)
     yr = F.batch_norm(xr, rmr, rvr, wr, br, True, momentum, 1e-5)
+    if residual:
+        yr = yr + zr
+    if activation == "relu":
+        yr = F.relu(yr)
+    elif activation == "leaky_relu":
+        yr = F.leaky_relu(yr, negative_slope)
     yr.backward(dy_full)
 
     sl = slice(lo, lo + sizes[rank])
@@ -145,6 +159,8 @@ def _check_against_plain(
         assert y.is_contiguous(memory_format=fmt), "output lost the channels_last layout"
     _close("y", y, yr[sl], dtype)
     _close("dx", x.grad, xr.grad[sl], dtype)
+    if residual:
+        _close("dz", z.grad, zr.grad[sl], dtype)
     _close("running_mean", rm, rmr, dtype)
     _close("running_var", rv, rvr, dtype)
     if affine:
@@ -158,8 +174,30 @@ def _check_against_plain(
         assert w is None and b is None
 
 
+def _counting_phases(backend, calls):
+    """Wrap ``backend``'s phases so that each call is recorded in ``calls``."""
+    for name in ("moments", "apply", "grad_sums", "grad_apply"):
+        real = getattr(backend, name)
+
+        def counted(*a, _name=name, _real=real, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        setattr(backend, name, counted)
+
+
 def _world_even(rank, world):
     sizes = (3,) * world
+    _check_against_plain(rank, (4, 4), (3, 5, 6), seed=8)
+    _check_against_plain(rank, (4, 4), (3, 5, 6), dtype=torch.float32, channels_last=True,
+                         seed=9)
+    # the fused epilogue (contract §8) falls out of the phases: apply and the gradient phases
+    # take it, the collectives do not change
+    _check_against_plain(rank, (4, 4), (3, 5, 6), activation="relu", residual=True, seed=10)
+    _check_against_plain(rank, (4, 4), (3, 5, 6), dtype=torch.float32, channels_last=True,
+                         activation="leaky_relu", negative_slope=0.2, seed=11)
+    _check_against_plain(rank, (5, 2), (3, 7), residual=True, affine=False, seed=12)
+    _check_against_plain(rank, (2, 5), (3, 4, 4), activation="relu", residual=True,
+                         functional=True, seed=17)
     _check_against_plain(rank, sizes, (4, 5, 6))
     _check_against_plain(rank, sizes, (4, 5, 6), channels_last=True, seed=1)
     _check_against_plain(rank, sizes, (3, 2, 3, 4), channels_last=True, seed=2)  # 3d
@@ -183,11 +221,23 @@ def _world_even(rank, world):
 
     for name in real:
         setattr(dist, name, counted(name))
+    from batchnorm.backends import cpu
+
+    _counting_phases(cpu, calls)
     try:
         m = SyncBatchNorm(4, dtype=torch.float64)
         x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
         m(x).sum().backward()
-        assert calls == ["all_gather", "all_gather", "all_reduce"], calls
+        # the CPU backend's phases, with one collective between each pair; the header
+        # (C, dtype) first, on the layer's first call only
+        phases = ["moments", "all_gather", "apply", "grad_sums", "all_reduce", "grad_apply"]
+        assert calls == ["all_gather", *phases], calls
+        calls.clear()
+        m(x).sum().backward()
+        assert calls == phases, calls
+        calls.clear()
+        sync_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)  # nothing pins C
+        assert calls[:2] == ["all_gather", "moments"], calls
         calls.clear()
         m.eval()
         want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 1e-5)
@@ -215,6 +265,12 @@ def _world_of_three(rank, world):
     _check_against_plain(rank, (5, 1, 3), (4, 3, 5))
     _check_against_plain(rank, (5, 1, 3), (4, 3, 5), channels_last=True, seed=1)
     _check_against_plain(rank, (4, 0, 2), (4, 3, 5), seed=2)  # rank 1 holds an empty shard
+    _check_against_plain(rank, (5, 1, 3), (4, 3, 5), dtype=torch.float32, seed=13)
+    _check_against_plain(rank, (4, 0, 2), (4, 3, 5), dtype=torch.float32, channels_last=True,
+                         seed=14)
+    _check_against_plain(rank, (5, 1, 3), (4, 3, 5), activation="relu", residual=True, seed=15)
+    _check_against_plain(rank, (4, 0, 2), (4, 3, 5), activation="leaky_relu", residual=True,
+                         seed=16)
     _check_against_plain(rank, (0, 2, 0), (3, 4), dtype=torch.float32, seed=3)
     _check_against_plain(rank, (1, 1, 0), (5,), seed=4)  # 2 values per channel in all
 
@@ -263,7 +319,46 @@ def _world_disagreeing(rank, world):
     with pytest.raises(ValueError, match="disagree on the input's dtype"):
         sync_batch_norm(torch.randn(4, 3, dtype=dtype), None, None, None, None, True, 0.1,
                         1e-5)
+    # a layer whose C the group agreed on: the dtype, compared after the moments
+    m = SyncBatchNorm(3, dtype=torch.float64)
+    m(torch.randn(4, 3, 5, dtype=torch.float64))
+    if rank == 1:
+        m.float()
+    with pytest.raises(ValueError, match=r"disagree on the input's dtype \(rank 0: "
+                                         r"torch.float64, rank 1: torch.float32\)"):
+        m(torch.randn(4, 3, 5, dtype=m.weight.dtype))
+    assert int(m.num_batches_tracked) == 2
     _check_against_plain(rank, (3, 2), (4, 5))  # the group still works
+
+
+def _route_to_gpu_backend():
+    """batchnorm.torch sending this process's calls to the gpu backend, as it does CUDA
+    tensors (under the Triton interpreter the tensors are CPU ones; tests/test_gpu_interpreter
+    routes them alike)."""
+    from batchnorm.backends import gpu
+    from batchnorm.torch import _ops
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the interpreter must run the kernels"
+    _ops._PLANS.clear()
+    _ops._needs_host = lambda x: False
+    _ops.select = lambda name, x: gpu
+    return gpu
+
+
+def _world_gpu_phases(rank, world):
+    """The GPU backend's phases between the collectives (NCCL's place taken by gloo)."""
+    assert world == 3
+    gpu = _route_to_gpu_backend()
+    calls = []
+    _counting_phases(gpu, calls)
+    for sizes in ((5, 1, 3), (4, 0, 2)):
+        calls.clear()
+        _check_against_plain(rank, sizes, (3, 4, 5), dtype=torch.float32, seed=20)
+        assert calls == ["moments", "apply", "grad_sums", "grad_apply"], calls
+    _check_against_plain(rank, (5, 1, 3), (3, 4, 5), dtype=torch.float32, channels_last=True,
+                         activation="relu", residual=True, seed=21)
+    _check_against_plain(rank, (4, 0, 2), (3, 6), dtype=torch.float32,
+                         activation="leaky_relu", negative_slope=0.1, seed=22)
 
 
 # ---------------------------------------------------------------- DDP training
@@ -290,10 +385,20 @@ def _small_net(sync: bool):
 
 
 def _world_ddp(rank, world, steps):
+    import batchnorm.torch as bnt
+
+    _ddp_steps(rank, world, steps, _small_net(sync=True))
+    # fused: each BN -> ReLU a SyncBatchNorm with the activation
+    fused, report = bnt.fuse(_small_net(sync=True), report=True)
+    assert len(report.fused) == 2 and report.left == ()
+    _ddp_steps(rank, world, steps, fused)
+
+
+def _ddp_steps(rank, world, steps, net):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ref = _small_net(sync=False)
-    model = DDP(_small_net(sync=True))
+    model = DDP(net)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -328,6 +433,10 @@ def test_world_of_two_matches_full_batch():
 
 def test_world_of_three_uneven_empty_too_few_and_subgroup():
     _run_world(_world_of_three, 3)
+
+
+def test_world_of_three_on_the_gpu_backend_phases():
+    _run_world(_world_gpu_phases, 3)
 
 
 def test_ranks_disagreeing_on_channels_or_dtype_all_raise_in_bounded_time():
@@ -385,6 +494,23 @@ def test_from_batchnorm_keeps_state(cls, track):
     _close("eval y", s(x), bn(x), torch.float64)
 
 
+def test_from_batchnorm_keeps_a_fused_layers_activation():
+    import batchnorm.torch as bnt
+
+    act = bnt.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2, inplace=True,
+                             dtype=torch.float64)
+    s = SyncBatchNorm.from_batchnorm(act)
+    assert (s.activation, s.negative_slope) == ("leaky_relu", 0.2)
+    assert "activation='leaky_relu', negative_slope=0.2" in repr(s)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    z = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    want = F.leaky_relu(F.batch_norm(x, None, None, training=True) + z, 0.2)
+    _close("y", s(x, z), want, torch.float64)  # no process group: the local batch
+    assert SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(4)).activation is None
+    with pytest.raises(ValueError, match="negative_slope"):
+        SyncBatchNorm(4, activation="leaky_relu", negative_slope=-1.0)
+
+
 def test_from_batchnorm_without_affine_and_refusals():
     s = SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(4, affine=False))
     assert s.weight is None and s.bias is None and s.training
@@ -427,6 +553,9 @@ def test_convert_model_sync_builds_sync_layers_sharing_state():
     ({"weight": torch.ones(4)}, ValueError, r"`weight` must have shape \(3,\)"),
     ({"running_mean": torch.zeros(3)}, ValueError, "both be None or neither"),
     ({"bias": torch.zeros(3, dtype=torch.float64)}, TypeError, "float32 input"),
+    ({"activation": "gelu"}, ValueError, "unknown activation 'gelu'"),
+    ({"activation": "leaky_relu", "negative_slope": -0.1}, ValueError, "negative_slope"),
+    ({"residual": torch.zeros(4, 3, 1)}, ValueError, r"`residual` must have the input's shape"),
 ])
 def test_sync_batch_norm_refuses_bad_arguments_before_any_collective(kwargs, error, message):
     """The rules of batchnorm.torch.batch_norm, checked before the first collective (the

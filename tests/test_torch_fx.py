@@ -68,3 +68,11 @@ def test_paths_shared_parameters_and_replace():
     assert _fx.shared_parameters(model, model[2]) == ["0.weight", "1.0.weight"]
     _fx.replace(model, "1.0", nn.Identity())
     assert isinstance(model[1][0], nn.Identity) and model[0] is conv
+
+
+def test_models_defined_in_this_package_are_traced_through():
+    # The CLI's networks live in batchnorm.cli: only batchnorm.torch's layers are opaque.
+    from batchnorm.cli.networks import build_net
+
+    traced = _fx.trace(build_net(width=4, blocks=1))
+    assert {"1.0.conv1", "1.0.bn1", "1.0.bn2", "1.0.relu"} <= set(traced.calls)

@@ -12,6 +12,11 @@ Two data orders, two kernel families:
   across channels), merged once; the apply pass then revisits the same rows on the same
   thread, so its second read of x comes from that thread's cache when the block fits.
 
+The whole calls (``fwd_train_*``, ``bwd_*``) are single-read composites; the phases of
+:mod:`batchnorm.backends.protocol` (``moments_*``, ``affine_*`` / ``apply_rows``,
+``grad_sums_*``, ``grad_apply_*``) are their parts, run one after another with a collective
+in between under SyncBatchNorm. Both run the same per-block helpers.
+
 Statistics are shifted sums of ``d = x - k`` (``k`` in x's dtype near the channel's start:
 its first value for cmajor, the mean of its first ROWS_CHUNK rows for rows; ``x - k`` is
 exact by Sterbenz's lemma when x is within a factor 2 of k, and otherwise rounded relative
@@ -34,6 +39,18 @@ rounding of that shift is then no larger than the rounding the three-constant fo
 anyway, and the pass runs 10-20% faster (the constants are vectors there, one load each).
 The per-channel constants of those passes live in ``p`` (rows below, x's dtype).
 
+The epilogue (contract §8) is one description every kernel reads: ``z``, the residual
+(an array of x's view, or None), and ``slope``, the activation (None for none; a scalar of
+x's dtype: 0 for relu, the negative slope for leaky_relu), applied as
+``v if v > 0 else v * slope`` (NaN stays NaN). The element-wise steps that depend on them
+are small functions resolved by argument type when Numba compiles a kernel (``_act``,
+``_plus``, ...; an argument that is None makes its step vanish), so each kernel is written
+once and plain batch norm compiles to the same loops as without an epilogue. Backward reads
+the activation's derivative off y's sign (``y`` an array, or None without an activation),
+and with ``x`` None (the memory-saving mode) recovers x's place from y: the per-channel
+origin and unit of xhat become beta and 1 / gamma instead of mean and invstd,
+``xhat = (act^-1(y) - beta) / gamma``.
+
 ``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
 (Not ``y - y``: with reassociation allowed LLVM may rewrite ``acc + (y - y)`` as ``acc``;
@@ -50,6 +67,8 @@ import types
 import numba as nb
 import numpy as np
 from numba import prange
+from numba.core import types as nbt
+from numba.extending import overload
 
 # reassoc lets LLVM vectorize the reductions; no nnan/ninf: NaN and Inf must propagate.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -69,6 +88,109 @@ WIDE_ROWS = 1024  # channels from which the rows statistics sweep 4 rows at once
 RUN_CHUNK = 256  # cmajor run pieces summed in x's dtype before a float64 fold
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
+# rows of the float64 backward constants array q: the origin and unit of xhat, and mu_lo
+ORG, UNIT, OLO = 0, 1, 2
+NQ = 3
+
+
+# ---------------------------------------------------------------------------- the epilogue
+#
+# Each step below is a stub that Numba replaces, per argument types, by one of two bodies
+# (``overload``; LLVM inlines them into the loops): the step for an array or a scalar, or
+# nothing at all for None.
+
+
+def _none(t) -> bool:
+    return isinstance(t, nbt.NoneType)
+
+
+def _part(a, i):
+    """a[i]: a run or a row of an optional array (None stays None)."""
+
+
+def _piece(a, i0, i1):
+    """a[i0:i1] of an optional 1-d array (None stays None)."""
+
+
+def _plus(v, zr, b):
+    """v + zr[b], the residual add (v without a residual)."""
+
+
+def _act(v, slope):
+    """act(v): v if v > 0 else v * slope (v itself without an activation)."""
+
+
+def _grad(h, yr, b, slope):
+    """g = h * act'(pre), act' read off y's sign: h where y > 0, h * slope elsewhere."""
+
+
+def _unact_slope(x, slope, one):
+    """The factor act^-1 applies to negative y: 1 / slope when x must be recovered from y
+    through leaky_relu, else None."""
+
+
+def _u(xr, yr, b, rs):
+    """The value xhat is taken from: x, or act^-1(y) in the memory-saving mode."""
+
+
+def _put(dr, b, v):
+    """dr[b] = v for an optional output (dz)."""
+
+
+@overload(_part)
+def _part_impl(a, i):
+    return (lambda a, i: None) if _none(a) else (lambda a, i: a[i])
+
+
+@overload(_piece)
+def _piece_impl(a, i0, i1):
+    return (lambda a, i0, i1: None) if _none(a) else (lambda a, i0, i1: a[i0:i1])
+
+
+@overload(_plus)
+def _plus_impl(v, zr, b):
+    return (lambda v, zr, b: v) if _none(zr) else (lambda v, zr, b: v + zr[b])
+
+
+@overload(_act)
+def _act_impl(v, slope):
+    if _none(slope):
+        return lambda v, slope: v
+    return lambda v, slope: v if v > 0 else v * slope
+
+
+@overload(_grad)
+def _grad_impl(h, yr, b, slope):
+    if _none(slope):
+        return lambda h, yr, b, slope: h
+    return lambda h, yr, b, slope: h if yr[b] > 0 else h * slope
+
+
+@overload(_unact_slope)
+def _unact_slope_impl(x, slope, one):
+    if _none(x) and not _none(slope):
+        return lambda x, slope, one: one / slope
+    return lambda x, slope, one: None
+
+
+@overload(_u)
+def _u_impl(xr, yr, b, rs):
+    if not _none(xr):
+        return lambda xr, yr, b, rs: xr[b]
+    if _none(rs):
+        return lambda xr, yr, b, rs: yr[b]
+    return lambda xr, yr, b, rs: yr[b] if yr[b] > 0 else yr[b] * rs
+
+
+@overload(_put)
+def _put_impl(dr, b, v):
+    if _none(dr):
+        return lambda dr, b, v: None
+
+    def put(dr, b, v):
+        dr[b] = v
+    return put
+
 
 
 @nb.njit(**_OPTS)
@@ -84,18 +206,22 @@ def _finish_stats(s1, s2, k, m, eps, c, st, p):
     mu = k + dm
     den = v + eps
     inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
-    g = np.float64(p[SCALE, c])
     st[MEAN, c] = mu
     st[VAR, c] = v
     st[INVSTD, c] = inv
     p[INV, c] = inv
+    _affine_consts(mu, inv * np.float64(p[SCALE, c]), np.float64(p[SHIFT, c]), c, p)
+
+
+@nb.njit(**_OPTS)
+def _affine_consts(mu, sc, beta, c, p):
+    """The apply constants of channel c into p: y = (x - mu_hi) * scale + shift, and the
+    folded form's x * scale + fold (see the module notes)."""
     p[MU_HI, c] = mu
-    ml = mu - np.float64(p[MU_HI, c])
-    p[SCALE, c] = g * inv
-    beta = np.float64(p[SHIFT, c])
+    p[SCALE, c] = sc
     sc = np.float64(p[SCALE, c])
     # ((x - mu_hi) - mu_lo) * scale + beta == (x - mu_hi) * scale + (beta - mu_lo * scale)
-    p[SHIFT, c] = beta - ml * sc
+    p[SHIFT, c] = beta - (mu - np.float64(p[MU_HI, c])) * sc
     p[FOLD, c] = beta - mu * sc
 
 
@@ -105,16 +231,20 @@ def inference_consts(mean, var, gamma, beta, eps, p):
     each value taken to float64 as it is read; gamma and beta empty for no affine):
     scale = gamma / sqrt(var + eps), 0 where var + eps == 0."""
     for c in range(p.shape[1]):
-        m = np.float64(mean[c])
         den = np.float64(var[c]) + eps
         inv = 0.0 if den == 0.0 else 1.0 / np.sqrt(den)
-        p[MU_HI, c] = m
-        p[SCALE, c] = inv * np.float64(gamma[c]) if gamma.size else inv
-        sc = np.float64(p[SCALE, c])
+        g = np.float64(gamma[c]) if gamma.size else 1.0
         b = np.float64(beta[c]) if beta.size else 0.0
-        # (x - mu_hi) * scale + (beta - mu_lo * scale), the low part folded in float64
-        p[SHIFT, c] = b - (m - np.float64(p[MU_HI, c])) * sc
-        p[FOLD, c] = b - m * sc
+        _affine_consts(np.float64(mean[c]), inv * g, b, c, p)
+
+
+@nb.njit(**_OPTS)
+def apply_consts(mean, invstd, gamma, beta, p):
+    """The apply phase's constants into p from a mean and an invstd (as inference_consts)."""
+    for c in range(p.shape[1]):
+        g = np.float64(gamma[c]) if gamma.size else 1.0
+        b = np.float64(beta[c]) if beta.size else 0.0
+        _affine_consts(np.float64(mean[c]), np.float64(invstd[c]) * g, b, c, p)
 
 
 @nb.njit(**_OPTS)
@@ -192,78 +322,110 @@ def _needs_refine(s1, s2, m):
     return dm * dm > REFINE * (s2 / m - dm * dm)
 
 
-def fwd_train_cmajor(x, eps, y, st, p, check, nt, block):
-    """Per block of channels: shifted sums, then y = (x - mu) * gamma * invstd + beta.
+# ---------------------------------------------------------------------------- forward
+
+
+@nb.njit(**_OPTS)
+def _block_stats(x, c0, c1, eps, st, p):
+    """Statistics of cmajor channels [c0, c1) into st and their apply constants into p (rows
+    SCALE and SHIFT holding gamma and beta on entry): one read of the block's slice."""
+    na, _, nb_ = x.shape
+    m = na * nb_
+    zero = np.zeros(1, x.dtype)[0]
+    s1 = np.zeros(c1 - c0)
+    s2 = np.zeros(c1 - c0)
+    # sums in x's dtype (full SIMD width, no conversions) over at most RUN_CHUNK
+    # elements of a run, float64 across them, as the rows kernels do with ROWS_CHUNK rows
+    for a in range(na):
+        for c in range(c0, c1):
+            k = x[0, c, 0]
+            run = x[a, c]
+            for b0 in range(0, nb_, RUN_CHUNK):
+                # a slice, not range(b0, min(...)): that bound stops LLVM vectorizing
+                seg = run[b0:b0 + RUN_CHUNK]
+                u1 = zero
+                u2 = zero
+                for b in range(seg.size):
+                    e = seg[b] - k
+                    u1 += e
+                    u2 += e * e
+                s1[c - c0] += np.float64(u1)
+                s2[c - c0] += np.float64(u2)
+    for c in range(c0, c1):
+        k = np.float64(x[0, c, 0])
+        t1 = s1[c - c0]
+        t2 = s2[c - c0]
+        wide = not _finite(t1, t2)
+        if wide:  # partials overflowed x's dtype, or x holds Inf / NaN: float64 sums
+            t1, t2 = _channel_sums64(x, c, k)
+        if _needs_refine(t1, t2, m):  # an outlying first value: again around the mean
+            p[MU_HI, c] = k + t1 / m
+            k = np.float64(p[MU_HI, c])
+            if wide:
+                t1, t2 = _channel_sums64(x, c, k)
+            else:
+                t1, t2 = _channel_sums(x, c, p[MU_HI, c])
+        _finish_stats(t1, t2, k, m, eps, c, st, p)
+        st[BAD, c] = 0.0
+
+
+@nb.njit(**_OPTS)
+def _block_apply(x, y, p, c0, c1, check, st, z, slope):
+    """y = act((x - mu_hi) * scale + shift + z) on cmajor channels [c0, c1); with check,
+    st[BAD] += sum(y * 0) of the stored values (the cast to y's dtype may overflow)."""
+    na, _, nb_ = x.shape
+    for a in range(na):
+        for c in range(c0, c1):
+            mh = p[MU_HI, c]
+            sc = p[SCALE, c]
+            sh = p[SHIFT, c]
+            xr = x[a, c]
+            yr = y[a, c]
+            zr = _part(_part(z, a), c)
+            if check:
+                acc = 0.0
+                for b in range(nb_):
+                    yr[b] = _act(_plus((xr[b] - mh) * sc + sh, zr, b), slope)
+                    acc += yr[b] * 0.0
+                st[BAD, c] += acc
+            else:
+                for b in range(nb_):
+                    yr[b] = _act(_plus((xr[b] - mh) * sc + sh, zr, b), slope)
+
+
+def fwd_train_cmajor(x, eps, y, st, p, check, nt, block, z, slope):
+    """Per block of channels: shifted sums, then y = act((x - mu) * gamma * invstd + beta + z).
 
     The block's slice stays in cache between the two passes; for each a its channels' runs
     are one contiguous segment, so short runs (small H*W) still stream.
     Args: x, y [A, C, B]; st [4, C] float64 out (mean, biased var, invstd, bad); p [NP, C]
     of x's dtype, rows SCALE and SHIFT holding gamma and beta on entry; nt threads; block:
-    the bytes of x one block may span (see ``cpu._block_bytes``).
+    the bytes of x one block may span (see ``cpu._block_bytes``); z [A, C, B] or None;
+    slope: None or the activation's slope in x's dtype.
     """
     na, nc, nb_ = x.shape
-    m = na * nb_
-    zero = np.zeros(1, x.dtype)[0]
     nblk = _channel_blocks(na, nc, nb_, x.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
         c1 = (blk + 1) * nc // nblk
-        s1 = np.zeros(c1 - c0)
-        s2 = np.zeros(c1 - c0)
-        # sums in x's dtype (full SIMD width, no conversions) over at most RUN_CHUNK
-        # elements of a run, float64 across them, as the rows kernels do with ROWS_CHUNK rows
-        for a in range(na):
-            for c in range(c0, c1):
-                k = x[0, c, 0]
-                run = x[a, c]
-                for b0 in range(0, nb_, RUN_CHUNK):
-                    # a slice, not range(b0, min(...)): that bound stops LLVM vectorizing
-                    seg = run[b0:b0 + RUN_CHUNK]
-                    u1 = zero
-                    u2 = zero
-                    for b in range(seg.size):
-                        e = seg[b] - k
-                        u1 += e
-                        u2 += e * e
-                    s1[c - c0] += np.float64(u1)
-                    s2[c - c0] += np.float64(u2)
-        for c in range(c0, c1):
-            k = np.float64(x[0, c, 0])
-            t1 = s1[c - c0]
-            t2 = s2[c - c0]
-            wide = not _finite(t1, t2)
-            if wide:  # partials overflowed x's dtype, or x holds Inf / NaN: float64 sums
-                t1, t2 = _channel_sums64(x, c, k)
-            if _needs_refine(t1, t2, m):  # an outlying first value: again around the mean
-                p[MU_HI, c] = k + t1 / m
-                k = np.float64(p[MU_HI, c])
-                if wide:
-                    t1, t2 = _channel_sums64(x, c, k)
-                else:
-                    t1, t2 = _channel_sums(x, c, p[MU_HI, c])
-            _finish_stats(t1, t2, k, m, eps, c, st, p)
-            st[BAD, c] = 0.0
-        for a in range(na):
-            for c in range(c0, c1):
-                mh = p[MU_HI, c]
-                sc = p[SCALE, c]
-                sh = p[SHIFT, c]
-                if check:  # the stored value: the cast to y's dtype may overflow
-                    acc = 0.0
-                    for b in range(nb_):
-                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
-                        acc += y[a, c, b] * 0.0
-                    st[BAD, c] += acc
-                else:
-                    for b in range(nb_):
-                        y[a, c, b] = (x[a, c, b] - mh) * sc + sh
+        _block_stats(x, c0, c1, eps, st, p)
+        _block_apply(x, y, p, c0, c1, check, st, z, slope)
 
 
-def fwd_train_rows(x, eps, y, st, p, check, nt):
-    """Rows version of :func:`fwd_train_cmajor`: one block of rows per thread.
+def moments_cmajor(x, st, p, nt, block):
+    """The moments phase: st[MEAN], st[VAR] (biased) per channel of a cmajor x [A, C, B].
 
-    Args: x, y [R, C]; the rest as there.
+    p [NP, C] scratch of x's dtype with rows SCALE = 1 and SHIFT = 0 on entry.
     """
+    na, nc, nb_ = x.shape
+    nblk = _channel_blocks(na, nc, nb_, x.itemsize, nt, block)
+    for blk in prange(nblk):
+        _block_stats(x, blk * nc // nblk, (blk + 1) * nc // nblk, 0.0, st, p)
+
+
+def stats_rows(x, eps, st, p, nt):
+    """Statistics of a rows x [R, C] into st, apply constants into p (rows SCALE and SHIFT
+    holding gamma and beta on entry), one block of rows per thread."""
     nr, nc = x.shape
     nt = max(1, min(nt, nr))
     # the shifts: the mean of the first rows (one row would do for exactness, but an
@@ -340,7 +502,16 @@ def fwd_train_rows(x, eps, y, st, p, check, nt):
     _widen_rows(x, tot, kx)
     for c in range(nc):
         _finish_stats(tot[0, c], tot[1, c], np.float64(kx[c]), nr, eps, c, st, p)
-    apply_rows(x, p, y, st, check, nt)
+
+
+def fwd_train_rows(x, eps, y, st, p, check, nt, z, slope):
+    """Rows version of :func:`fwd_train_cmajor`: :func:`stats_rows`, then :func:`apply_rows`
+    on the same row blocks.
+
+    Args: x, y [R, C]; z [R, C] or None; the rest as there.
+    """
+    stats_rows(x, eps, st, p, nt)
+    apply_rows(x, p, y, st, check, nt, z, slope)
 
 
 @nb.njit(**_OPTS)
@@ -360,12 +531,14 @@ def _widen_rows(x, tot, kx):
         tot[1, c] = t2
 
 
-def apply_rows(x, p, y, st, check, nt):
-    """y[r, c] = (x[r, c] - mu_hi[c]) * scale[c] + shift[c], a row block a thread; or
-    x * scale + fold when every ``|mu_hi * scale| <= FOLD_LIMIT`` (see the module notes).
+def apply_rows(x, p, y, st, check, nt, z, slope):
+    """y[r, c] = act((x[r, c] - mu_hi[c]) * scale[c] + shift[c] + z[r, c]), a row block a
+    thread; or x * scale + fold when every ``|mu_hi * scale| <= FOLD_LIMIT`` (see the module
+    notes).
 
-    Also the inference kernel for rows. Args: x, y [R, C]; p [NP, C] as filled by
-    :func:`_finish_stats`; st [4, C] (row BAD written when check).
+    Also the inference and apply-phase kernel for rows. Args: x, y [R, C]; p [NP, C] as
+    filled by :func:`_finish_stats`; st [4, C] (row BAD written when check); z [R, C] or
+    None; slope None or the activation's slope in x's dtype.
     """
     nr, nc = x.shape
     nt = max(1, min(nt, nr))
@@ -384,23 +557,32 @@ def apply_rows(x, p, y, st, check, nt):
         if check:
             a = np.zeros(nc)
             for r in range(r0, r1):
+                xr = x[r]
+                yr = y[r]
+                zr = _part(z, r)
                 if fold:
                     for c in range(nc):
-                        y[r, c] = x[r, c] * sc[c] + fo[c]
+                        yr[c] = _act(_plus(xr[c] * sc[c] + fo[c], zr, c), slope)
                 else:
                     for c in range(nc):
-                        y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
+                        yr[c] = _act(_plus((xr[c] - mh[c]) * sc[c] + sh[c], zr, c), slope)
                 for c in range(nc):
-                    a[c] += y[r, c] * 0.0
+                    a[c] += yr[c] * 0.0
             acc[t, :] = a
         elif fold:
             for r in range(r0, r1):
+                xr = x[r]
+                yr = y[r]
+                zr = _part(z, r)
                 for c in range(nc):
-                    y[r, c] = x[r, c] * sc[c] + fo[c]
+                    yr[c] = _act(_plus(xr[c] * sc[c] + fo[c], zr, c), slope)
         else:
             for r in range(r0, r1):
+                xr = x[r]
+                yr = y[r]
+                zr = _part(z, r)
                 for c in range(nc):
-                    y[r, c] = (x[r, c] - mh[c]) * sc[c] + sh[c]
+                    yr[c] = _act(_plus((xr[c] - mh[c]) * sc[c] + sh[c], zr, c), slope)
     if check:
         for c in range(nc):
             s = 0.0
@@ -409,10 +591,11 @@ def apply_rows(x, p, y, st, check, nt):
             st[BAD, c] = s
 
 
-def affine_cmajor(x, p, y, nt):
-    """Inference: y = (x - mu_hi[c]) * scale[c] + shift[c] (mu_lo folded into shift).
+def affine_cmajor(x, p, y, nt, z, slope):
+    """Inference and the apply phase: y = act((x - mu_hi[c]) * scale[c] + shift[c] + z).
 
-    Args: x, y [A, C, B]; p [NP, C] of x's dtype; nt threads.
+    Args: x, y [A, C, B]; p [NP, C] of x's dtype; nt threads; z [A, C, B] or None; slope
+    None or the activation's slope in x's dtype.
     """
     na, nc, nb_ = x.shape
     runs = na * nc
@@ -429,105 +612,205 @@ def affine_cmajor(x, p, y, nt):
             mh = p[MU_HI, c]
             sc = p[SCALE, c]
             sh = p[SHIFT, c]
+            xr = x[a, c]
+            yr = y[a, c]
+            zr = _part(_part(z, a), c)
             for b in range(nb_):
-                y[a, c, b] = (x[a, c, b] - mh) * sc + sh
+                yr[b] = _act(_plus((xr[b] - mh) * sc + sh, zr, b), slope)
             c += 1
             if c == nc:
                 c = 0
                 a += 1
 
 
-@nb.njit(**_OPTS)
-def _bwd_consts(sd, sdx, inv, gamma, m, training, ml, c, dgb, p):
-    """dgamma, dbeta of channel c; dx = k1*dy + k2*(x - mu_hi) + k3 constants into p.
+# ---------------------------------------------------------------------------- backward
+#
+# With g = dy * act'(pre) (act' read off y's sign) and xhat = (u - origin) * unit, where u is
+# x (origin mean, unit invstd) or, in the memory-saving mode, act^-1(y) (origin beta, unit
+# 1 / gamma): dgamma = sum(g * xhat), dbeta = sum(g), and
+#     dx = k1 * g + k2 * (u - origin_hi) + k3
+# with k1 = gamma * invstd, k2 = -k1 * unit * dgamma / M, k3 = -k1 * dbeta / M - k2 * origin_lo
+# in training (k2 = k3 = 0 in inference). origin_hi is the origin rounded to x's dtype, as
+# mu_hi in the forward.
 
-    k3 absorbs -k2 * mu_lo (ml), as the forward's shift does; FOLD holds the constant of
-    the folded form dx = k1*dy + k2*x + fold (see apply_rows).
-    """
-    dg = sdx * inv
-    dgb[0, c] = dg
-    dgb[1, c] = sd
-    k1 = (np.float64(gamma[c]) if gamma.size else 1.0) * inv
+
+@nb.njit(**_OPTS)
+def bwd_origin(mean, invstd, gamma, beta, recover, q, p):
+    """Each channel's origin and unit of xhat into q (float64) and p[MU_HI] (x's dtype):
+    (mean, invstd) from x, or (beta, 1 / gamma) when ``recover`` (x rebuilt from y)."""
+    for c in range(q.shape[1]):
+        if recover:
+            o = np.float64(beta[c]) if beta.size else 0.0
+            s = 1.0 / np.float64(gamma[c]) if gamma.size else 1.0
+        else:
+            o = np.float64(mean[c])
+            s = np.float64(invstd[c])
+        p[MU_HI, c] = o
+        q[ORG, c] = o
+        q[UNIT, c] = s
+        q[OLO, c] = o - np.float64(p[MU_HI, c])
+
+
+@nb.njit(**_OPTS)
+def _bwd_consts(sd, dg, invstd, gamma, m, training, c, q, p):
+    """dx's constants of channel c into p from dbeta = sd and dgamma = dg (sums over m
+    values): SCALE = k1, SHIFT = k2, K3 = k3, and FOLD the constant of the folded form
+    dx = k1*g + k2*u + fold (see apply_rows)."""
+    k1 = (np.float64(gamma[c]) if gamma.size else 1.0) * np.float64(invstd[c])
     p[SCALE, c] = k1
-    p[SHIFT, c] = -k1 * inv * dg / m if training else 0.0
+    p[SHIFT, c] = -k1 * q[UNIT, c] * dg / m if training else 0.0
     k3 = -k1 * sd / m if training else 0.0
     k2 = np.float64(p[SHIFT, c])
-    p[K3, c] = k3 - k2 * ml
-    p[FOLD, c] = k3 - k2 * (np.float64(p[MU_HI, c]) + ml)
+    p[K3, c] = k3 - k2 * q[OLO, c]
+    p[FOLD, c] = k3 - k2 * q[ORG, c]
 
 
-def bwd_cmajor(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt, block):
-    """Per block of channels: dbeta = sum dy, dgamma = sum dy*xhat, then dx (in cache).
+@nb.njit(**_OPTS)
+def _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2):
+    """s1 = sum(g), s2 = sum(g * (u - origin)) (float64) of cmajor channels [c0, c1)."""
+    na, _, nb_ = dy.shape
+    zero = np.zeros(1, dy.dtype)[0]  # not mh - mh: NaN for an infinite mean
+    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    # as in the forward: x's dtype within RUN_CHUNK pieces of a run, float64 across; sum
+    # g * (u - origin_hi) there and subtract origin_lo * sum g once per piece
+    for a in range(na):
+        for c in range(c0, c1):
+            mh = p[MU_HI, c]
+            ml = q[OLO, c]
+            grun = dy[a, c]
+            xrun = _part(_part(x, a), c)
+            yrun = _part(_part(y, a), c)
+            for b0 in range(0, nb_, RUN_CHUNK):
+                # slices, not range(b0, min(...)): that bound stops LLVM vectorizing
+                gs = grun[b0:b0 + RUN_CHUNK]
+                xs = _piece(xrun, b0, b0 + RUN_CHUNK)
+                ys = _piece(yrun, b0, b0 + RUN_CHUNK)
+                u1 = zero
+                u2 = zero
+                for b in range(gs.size):
+                    h = _grad(gs[b], ys, b, slope)
+                    u1 += h
+                    u2 += h * (_u(xs, ys, b, rs) - mh)
+                s1[c - c0] += np.float64(u1)
+                s2[c - c0] += np.float64(u2) - ml * np.float64(u1)
 
-    dx = g*inv*(dy - (dbeta + xhat*dgamma)/M) in training, g*inv*dy otherwise.
-    Args: dy, x, dx [A, C, B]; mean, invstd [C] float64; gamma [C] float64 or empty;
-    dgb [2, C] float64 out (dgamma, dbeta); p [NP, C] scratch of x's dtype; nt threads;
-    block: the bytes of x and dy one block may span.
+
+@nb.njit(**_OPTS)
+def _block_grad_apply(dy, x, y, slope, p, c0, c1, training, dx, dz, a0, a1):
+    """dx = k1 * g + k2 * (u - origin_hi) + k3 (training) or k1 * g, and dz = g when dz is
+    an array, on cmajor channels [c0, c1) of rows a in [a0, a1)."""
+    nb_ = dy.shape[2]
+    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    for a in range(a0, a1):
+        for c in range(c0, c1):
+            k1 = p[SCALE, c]
+            gr = dy[a, c]
+            dxr = dx[a, c]
+            xr = _part(_part(x, a), c)
+            yr = _part(_part(y, a), c)
+            dzr = _part(_part(dz, a), c)
+            if training:
+                mh = p[MU_HI, c]
+                k2 = p[SHIFT, c]
+                k3 = p[K3, c]
+                for b in range(nb_):
+                    h = _grad(gr[b], yr, b, slope)
+                    _put(dzr, b, h)
+                    dxr[b] = k1 * h + k2 * (_u(xr, yr, b, rs) - mh) + k3
+            else:
+                for b in range(nb_):
+                    h = _grad(gr[b], yr, b, slope)
+                    _put(dzr, b, h)
+                    dxr[b] = k1 * h
+
+
+def bwd_cmajor(dy, x, y, slope, invstd, gamma, training, dx, dz, dgb, q, p, nt, block):
+    """Per block of channels: dbeta = sum g, dgamma = sum g*xhat, then dx (in cache).
+
+    dx = gamma*invstd*(g - (dbeta + xhat*dgamma)/M) in training, gamma*invstd*g otherwise,
+    with g = dy * act'(pre); dz = g when dz is an array (the residual's gradient).
+    Reads dy and x (u), plus y with an activation; in the memory-saving mode dy and y only.
+    Args: dy, dx [A, C, B]; x [A, C, B] or None (then u = act^-1(y)); y [A, C, B] or None
+    (no activation and x given); slope None or the activation's slope in x's dtype;
+    invstd [C] and gamma [C] (or empty) any float dtype; dz [A, C, B] or None; dgb [2, C]
+    float64 out (dgamma, dbeta); q, p as filled by :func:`bwd_origin`; nt threads; block:
+    the bytes one block may span.
     """
-    na, nc, nb_ = x.shape
+    na, nc, nb_ = dy.shape
     m = na * nb_
-    zero = np.zeros(1, x.dtype)[0]  # not mh - mh: NaN for an infinite mean
-    nblk = _channel_blocks(na, nc, nb_, 2 * x.itemsize, nt, block)
+    nread = 2 if y is None else 3
+    nblk = _channel_blocks(na, nc, nb_, nread * dy.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
         c1 = (blk + 1) * nc // nblk
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
+        _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2)
         for c in range(c0, c1):
-            p[MU_HI, c] = mean[c]
-        # as in the forward: x's dtype within RUN_CHUNK pieces of a run, float64 across;
-        # sum g * (x - mu_hi) there and subtract mu_lo * sum g once per piece
-        for a in range(na):
-            for c in range(c0, c1):
-                mh = p[MU_HI, c]
-                ml = mean[c] - np.float64(mh)
-                grun = dy[a, c]
-                xrun = x[a, c]
-                for b0 in range(0, nb_, RUN_CHUNK):
-                    gs = grun[b0:b0 + RUN_CHUNK]
-                    xs = xrun[b0:b0 + RUN_CHUNK]
-                    u1 = zero
-                    u2 = zero
-                    for b in range(gs.size):
-                        h = gs[b]
-                        u1 += h
-                        u2 += h * (xs[b] - mh)
-                    s1[c - c0] += np.float64(u1)
-                    s2[c - c0] += np.float64(u2) - ml * np.float64(u1)
-        for c in range(c0, c1):
-            _bwd_consts(s1[c - c0], s2[c - c0], invstd[c], gamma, m, training,
-                        mean[c] - np.float64(p[MU_HI, c]), c, dgb, p)
-        for a in range(na):
-            for c in range(c0, c1):
-                k1 = p[SCALE, c]
-                if training:
-                    mh = p[MU_HI, c]
-                    k2 = p[SHIFT, c]
-                    k3 = p[K3, c]
-                    for b in range(nb_):
-                        dx[a, c, b] = k1 * dy[a, c, b] + k2 * (x[a, c, b] - mh) + k3
-                else:
-                    for b in range(nb_):
-                        dx[a, c, b] = k1 * dy[a, c, b]
+            dg = s2[c - c0] * q[UNIT, c]
+            dgb[0, c] = dg
+            dgb[1, c] = s1[c - c0]
+            _bwd_consts(s1[c - c0], dg, invstd, gamma, m, training, c, q, p)
+        _block_grad_apply(dy, x, y, slope, p, c0, c1, training, dx, dz, 0, na)
 
 
-def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
-    """Rows version of :func:`bwd_cmajor`, a row block a thread. Args: dy, x, dx [R, C]."""
-    nr, nc = x.shape
+def grad_sums_cmajor(dy, x, y, slope, sums, q, p, nt, block):
+    """The grad_sums phase on cmajor views: sums[0] = sum g, sums[1] = sum g * xhat
+    (float64 [2, C]); arguments as in :func:`bwd_cmajor`."""
+    na, nc, nb_ = dy.shape
+    nblk = _channel_blocks(na, nc, nb_, 3 * dy.itemsize, nt, block)
+    for blk in prange(nblk):
+        c0 = blk * nc // nblk
+        c1 = (blk + 1) * nc // nblk
+        s1 = np.zeros(c1 - c0)
+        s2 = np.zeros(c1 - c0)
+        _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2)
+        for c in range(c0, c1):
+            sums[0, c] = s1[c - c0]
+            sums[1, c] = s2[c - c0] * q[UNIT, c]
+
+
+def grad_apply_cmajor(dy, x, y, slope, p, training, dx, dz, nt):
+    """The grad_apply phase on cmajor views, p as filled by :func:`grad_consts`; arguments
+    as in :func:`bwd_cmajor`. Threads take blocks of whole rows a (or of channels when A is
+    smaller than the thread count)."""
+    na, nc, _ = dy.shape
+    if na >= nt:
+        n = max(1, min(nt, na))
+        for t in prange(n):
+            _block_grad_apply(dy, x, y, slope, p, 0, nc, training, dx, dz,
+                              t * na // n, (t + 1) * na // n)
+    else:
+        n = max(1, min(nt, nc))
+        for t in prange(n):
+            _block_grad_apply(dy, x, y, slope, p, t * nc // n, (t + 1) * nc // n, training,
+                              dx, dz, 0, na)
+
+
+@nb.njit(**_OPTS)
+def grad_consts(sums, invstd, gamma, count, training, q, p):
+    """dx's constants into p from the channel sums (sum g, sum g * xhat) over count values
+    (the global count under SyncBatchNorm)."""
+    for c in range(q.shape[1]):
+        _bwd_consts(sums[0, c], sums[1, c], invstd, gamma, count, training, c, q, p)
+
+
+def grad_sums_rows(dy, x, y, slope, sums, q, p, nt):
+    """The grad_sums phase on rows views [R, C], a row block a thread; as
+    :func:`grad_sums_cmajor`."""
+    nr, nc = dy.shape
     nt = max(1, min(nt, nr))
-    ml = np.empty(nc)
-    for c in range(nc):
-        p[MU_HI, c] = mean[c]
-        ml[c] = mean[c] - np.float64(p[MU_HI, c])
+    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
     mh = p[MU_HI]
+    ml = q[OLO]
     part = np.zeros((nt, 2, nc))
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
         s1 = np.zeros(nc)
         s2 = np.zeros(nc)
-        # 16-row chunks in x's dtype as in fwd_train_rows; sum g * (x - mu_hi) there and
-        # subtract mu_lo * sum g once in float64
+        # 16-row chunks in x's dtype as in stats_rows; sum g * (u - origin_hi) there and
+        # subtract origin_lo * sum g once in float64
         t1 = np.zeros_like(mh)
         t2 = np.zeros_like(mh)
         for q0 in range(r0, r1, ROWS_CHUNK):
@@ -535,27 +818,39 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
             t1[:] = 0
             t2[:] = 0
             r = q0
-            if nc >= WIDE_ROWS:  # as in fwd_train_rows: 4 rows a sweep on wide rows
+            if nc >= WIDE_ROWS:  # as in stats_rows: 4 rows a sweep on wide rows
                 while r + 4 <= q1:
                     g0 = dy[r]
                     g1 = dy[r + 1]
                     g2 = dy[r + 2]
                     g3 = dy[r + 3]
-                    x0 = x[r]
-                    x1 = x[r + 1]
-                    x2 = x[r + 2]
-                    x3 = x[r + 3]
+                    x0 = _part(x, r)
+                    x1 = _part(x, r + 1)
+                    x2 = _part(x, r + 2)
+                    x3 = _part(x, r + 3)
+                    y0 = _part(y, r)
+                    y1 = _part(y, r + 1)
+                    y2 = _part(y, r + 2)
+                    y3 = _part(y, r + 3)
                     for c in range(nc):
                         m = mh[c]
-                        t1[c] += (g0[c] + g1[c]) + (g2[c] + g3[c])
-                        t2[c] += ((g0[c] * (x0[c] - m) + g1[c] * (x1[c] - m))
-                                  + (g2[c] * (x2[c] - m) + g3[c] * (x3[c] - m)))
+                        h0 = _grad(g0[c], y0, c, slope)
+                        h1 = _grad(g1[c], y1, c, slope)
+                        h2 = _grad(g2[c], y2, c, slope)
+                        h3 = _grad(g3[c], y3, c, slope)
+                        t1[c] += (h0 + h1) + (h2 + h3)
+                        t2[c] += ((h0 * (_u(x0, y0, c, rs) - m) + h1 * (_u(x1, y1, c, rs) - m))
+                                  + (h2 * (_u(x2, y2, c, rs) - m)
+                                     + h3 * (_u(x3, y3, c, rs) - m)))
                     r += 4
             for rr in range(r, q1):
+                gr = dy[rr]
+                xr = _part(x, rr)
+                yr = _part(y, rr)
                 for c in range(nc):
-                    g = dy[rr, c]
-                    t1[c] += g
-                    t2[c] += g * (x[rr, c] - mh[c])
+                    h = _grad(gr[c], yr, c, slope)
+                    t1[c] += h
+                    t2[c] += h * (_u(xr, yr, c, rs) - mh[c])
             for c in range(nc):
                 s1[c] += np.float64(t1[c])
                 s2[c] += np.float64(t2[c]) - ml[c] * np.float64(t1[c])
@@ -567,32 +862,63 @@ def bwd_rows(dy, x, mean, invstd, gamma, training, dx, dgb, p, nt):
         for t in range(nt):
             sd += part[t, 0, c]
             sdx += part[t, 1, c]
-        _bwd_consts(sd, sdx, invstd[c], gamma, nr, training, ml[c], c, dgb, p)
+        sums[0, c] = sd
+        sums[1, c] = sdx * q[UNIT, c]
+
+
+def grad_apply_rows(dy, x, y, slope, p, q, training, dx, dz, nt):
+    """The grad_apply phase on rows views [R, C], a row block a thread; p as filled by
+    :func:`grad_consts`. One constant less when every |origin * unit| <= FOLD_LIMIT, where
+    rounding k3 - k2 * origin costs no more than the k2 term's own rounding."""
+    nr, nc = dy.shape
+    nt = max(1, min(nt, nr))
+    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
     k1 = p[SCALE]
     k2 = p[SHIFT]
     k3 = p[K3]
     fo = p[FOLD]
-    # as in apply_rows: one constant less when |mean| <= FOLD_LIMIT sigma in every channel,
-    # where rounding k3 - k2*mean costs no more than the k2 term's own rounding
+    mh = p[MU_HI]
     fold = True
     for c in range(nc):
-        if abs(mean[c]) * invstd[c] > FOLD_LIMIT:
+        if abs(q[ORG, c] * q[UNIT, c]) > FOLD_LIMIT:
             fold = False
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
-        if training and fold:
-            for r in range(r0, r1):
+        for r in range(r0, r1):
+            gr = dy[r]
+            dxr = dx[r]
+            xr = _part(x, r)
+            yr = _part(y, r)
+            dzr = _part(dz, r)
+            if training and fold:
                 for c in range(nc):
-                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * x[r, c] + fo[c]
-        elif training:
-            for r in range(r0, r1):
+                    h = _grad(gr[c], yr, c, slope)
+                    _put(dzr, c, h)
+                    dxr[c] = k1[c] * h + k2[c] * _u(xr, yr, c, rs) + fo[c]
+            elif training:
                 for c in range(nc):
-                    dx[r, c] = k1[c] * dy[r, c] + k2[c] * (x[r, c] - mh[c]) + k3[c]
-        else:
-            for r in range(r0, r1):
+                    h = _grad(gr[c], yr, c, slope)
+                    _put(dzr, c, h)
+                    dxr[c] = k1[c] * h + k2[c] * (_u(xr, yr, c, rs) - mh[c]) + k3[c]
+            else:
                 for c in range(nc):
-                    dx[r, c] = k1[c] * dy[r, c]
+                    h = _grad(gr[c], yr, c, slope)
+                    _put(dzr, c, h)
+                    dxr[c] = k1[c] * h
+
+
+def bwd_rows(dy, x, y, slope, invstd, gamma, training, dx, dz, dgb, q, p, nt):
+    """Rows version of :func:`bwd_cmajor`: :func:`grad_sums_rows`, the constants, then
+    :func:`grad_apply_rows` on the same row blocks. Args: dy, x, y, dx, dz [R, C]."""
+    nr, nc = dy.shape
+    sums = np.empty((2, nc))
+    grad_sums_rows(dy, x, y, slope, sums, q, p, nt)
+    for c in range(nc):
+        dgb[0, c] = sums[1, c]
+        dgb[1, c] = sums[0, c]
+        _bwd_consts(sums[0, c], sums[1, c], invstd, gamma, nr, training, c, q, p)
+    grad_apply_rows(dy, x, y, slope, p, q, training, dx, dz, nt)
 
 
 def copy3(src, dst):
@@ -637,23 +963,31 @@ def update_running(rm, rv, st, momentum, unbias):
         rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (st[VAR, c] * unbias)
 
 
-def _compile(fn, parallel: bool, extra: dict):
+def _compile(fn, parallel: bool, extra: dict, loops: bool = True):
     # A distinct qualname per variant keeps the two in separate on-disk cache entries;
-    # ``extra`` rebinds the kernels a kernel calls to the same variant.
+    # ``extra`` rebinds the kernels a kernel calls to the same variant. ``loops`` False: a
+    # composite of kernels without prange loops of its own (compiled serial either way).
     name = fn.__name__ + ("" if parallel else "_serial")
     clone = types.FunctionType(fn.__code__, dict(fn.__globals__, **extra), name,
                                fn.__defaults__, fn.__closure__)
     clone.__qualname__ = name
     clone.__doc__ = fn.__doc__
     clone.__module__ = fn.__module__
-    return nb.njit(parallel=parallel, **_OPTS)(clone)
+    return nb.njit(parallel=parallel and loops, **_OPTS)(clone)
 
 
 def _family(parallel: bool) -> types.SimpleNamespace:
-    ns = types.SimpleNamespace(apply_rows=_compile(apply_rows, parallel, {}))
-    for f in (fwd_train_cmajor, affine_cmajor, bwd_cmajor, bwd_rows, copy3):
+    ns = types.SimpleNamespace()
+    for f in (apply_rows, stats_rows, grad_sums_rows, grad_apply_rows, fwd_train_cmajor,
+              moments_cmajor, affine_cmajor, bwd_cmajor, grad_sums_cmajor, grad_apply_cmajor,
+              copy3):
         setattr(ns, f.__name__, _compile(f, parallel, {}))
-    ns.fwd_train_rows = _compile(fwd_train_rows, parallel, {"apply_rows": ns.apply_rows})
+    ns.fwd_train_rows = _compile(fwd_train_rows, parallel,
+                                 {"apply_rows": ns.apply_rows, "stats_rows": ns.stats_rows},
+                                 loops=False)
+    ns.bwd_rows = _compile(bwd_rows, parallel, {"grad_sums_rows": ns.grad_sums_rows,
+                                                "grad_apply_rows": ns.grad_apply_rows},
+                           loops=False)
     return ns
 
 

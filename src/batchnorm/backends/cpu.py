@@ -1,4 +1,7 @@
-"""The CPU backend: Numba kernels (see ``_cpu_kernels``) behind the reference's signatures.
+"""The CPU backend: Numba kernels (see ``_cpu_kernels``) behind the protocol's signatures
+(:mod:`batchnorm.backends.protocol`): the whole calls as single-read composites, the phases
+for SyncBatchNorm, both with the epilogue (residual add, relu / leaky_relu) and the
+memory-saving mode (``out=x`` forward, ``x=None`` backward) of contract §8.
 
 Each call views its arrays as ``(A, C, B)`` (:func:`batchnorm._shapes.as_3d`) and picks a
 kernel family: per row block when the channel axis is the contiguous one (``B == 1``:
@@ -103,6 +106,14 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _slope(epilogue, kdt: np.dtype):
+    """The kernels' activation argument: None for none, else the slope in their dtype (0 for
+    relu), negative inputs being multiplied by it (contract §8)."""
+    if epilogue is None or epilogue.activation is None:
+        return None
+    return kdt.type(0.0 if epilogue.activation == "relu" else epilogue.negative_slope)
+
+
 class Plan:
     """The kernels' view of every array of one (shape, strides, dtype) under one layout.
 
@@ -110,7 +121,9 @@ class Plan:
     transpose and one reshape, both views; ``direct`` is False when no such recipe exists
     (float16, an empty input, kept axes apart that a reshape cannot merge), and calls then
     take the general path, which decides (and copies) per call. :meth:`train`,
-    :meth:`infer` and :meth:`grad` run the kernels on arrays the plan takes.
+    :meth:`infer` and :meth:`grad` run the kernels on arrays the plan takes (the torch
+    layer calls them directly); their epilogue arguments are keyword-only, as in the
+    module's functions.
     """
 
     __slots__ = ("layout", "shape", "strides", "dtype", "kdt", "sdt", "pshape", "nc", "size",
@@ -146,8 +159,10 @@ class Plan:
             self.direct, self.rows, self.perm, self.vshape = True, rows, perm, vshape
             self.fresh = np.empty_like(x).strides == x.strides
 
-    def view(self, a: np.ndarray) -> np.ndarray:
+    def view(self, a: np.ndarray | None) -> np.ndarray | None:
         """The kernels' view of ``a`` (an array of this plan's shape, strides and dtype)."""
+        if a is None:
+            return None
         if self.perm is not None:
             a = a.transpose(self.perm)
         return a.reshape(self.vshape)
@@ -156,61 +171,48 @@ class Plan:
         """Whether ``a`` can use this plan's views (same strides and dtype as its x)."""
         return self.direct and a.strides == self.strides and a.dtype == self.dtype
 
-    # The three computations on arrays this plan takes: x, y, dy and dx all with its strides
-    # (the caller checks), per-channel arguments as in the public functions.
+    def runs(self, out, *inputs) -> bool:
+        """Whether a call with these inputs (None for absent ones) and output (None: a fresh
+        one) runs on this plan's views."""
+        if not self.direct or not (self.fresh if out is None else self.takes(out)):
+            return False
+        for a in inputs:
+            if a is not None and not self.takes(a):
+                return False
+        return True
 
-    def train(self, x, gamma, beta, eps, momentum, running_mean, running_var, y, check):
+    # The computations on arrays this plan takes: x, y, dy, dx, the residual and dz all
+    # with its strides (the caller checks, see runs), per-channel arguments as in the
+    # module's functions.
+
+    def train(self, x, gamma, beta, eps, momentum, running_mean, running_var, y, check, *,
+              residual=None, epilogue=None):
         """:func:`forward_training` into ``y``; returns ``(mean, invstd, bad)``."""
-        nc = self.nc
-        st = np.empty((4, nc))
-        p = np.empty((K.NP, nc), dtype=self.kdt)
-        p[K.SCALE] = 1.0 if gamma is None else gamma.reshape(nc)
-        p[K.SHIFT] = 0.0 if beta is None else beta.reshape(nc)
-        fam, nt = _family(self.size)
-        if self.rows:
-            fam.fwd_train_rows(self.view(x), eps, self.view(y), st, p, check, nt)
-        else:
-            fam.fwd_train_cmajor(self.view(x), eps, self.view(y), st, p, check, nt,
-                                 BLOCK_BYTES)
+        st, p = _train_kernels(self.rows, self.view(x), self.view(y), self.view(residual),
+                               gamma, beta, eps, check, _slope(epilogue, self.kdt), self.nc,
+                               self.size)
         _update_running(running_mean, running_var, momentum, st, self.layout.count)
-        mean, _, invstd, acc = st
-        bad = None
-        if check:
-            bad = (~(np.isfinite(mean) & np.isfinite(invstd)) | (acc != 0.0)).reshape(
-                self.pshape)
-        if p.dtype == self.sdt:  # the kernel stored both rounded to x's dtype already
-            mean, invstd = p[K.MU_HI], p[K.INV]
-        else:
-            mean, invstd = mean.astype(self.sdt), invstd.astype(self.sdt)
-        if self.multi:
-            mean, invstd = mean.reshape(self.pshape), invstd.reshape(self.pshape)
-        return mean, invstd, bad
+        return _train_result(st, p, self.sdt, self.pshape, check)
 
-    def infer(self, x, gamma, beta, mean, var, eps, y) -> None:
+    def infer(self, x, gamma, beta, mean, var, eps, y, *, residual=None, epilogue=None
+              ) -> None:
         """:func:`forward_inference` into ``y``."""
         nc = self.nc
         p = np.empty((K.NP, nc), dtype=self.kdt)
         K.inference_consts(_read(mean, nc), _read(var, nc), _read(gamma, nc), _read(beta, nc),
                            eps, p)
-        fam, nt = _family(self.size)
-        if self.rows:
-            fam.apply_rows(self.view(x), p, self.view(y), _ST0, False, nt)
-        else:
-            fam.affine_cmajor(self.view(x), p, self.view(y), nt)
+        _apply_kernels(self.rows, self.view(x), p, self.view(y), self.view(residual),
+                       _slope(epilogue, self.kdt), self.size)
 
-    def grad(self, dy, x, gamma, mean, invstd, training, dx):
-        """:func:`backward` into ``dx``; returns ``(dgamma or None, dbeta)``."""
-        nc = self.nc
-        dgb = np.empty((2, nc), dtype=self.sdt)
-        p = np.empty((K.NP, nc), dtype=self.kdt)
-        args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), training)
-        fam, nt = _family(self.size)
-        if self.rows:
-            fam.bwd_rows(self.view(dy), self.view(x), *args, self.view(dx), dgb, p, nt)
-        else:
-            fam.bwd_cmajor(self.view(dy), self.view(x), *args, self.view(dx), dgb, p, nt,
-                           BLOCK_BYTES)
-        dg, db = dgb
+    def grad(self, dy, x, gamma, mean, invstd, training, dx, *, y=None, beta=None,
+             epilogue=None, dz=None):
+        """:func:`backward` into ``dx`` (and ``dz``, the residual's gradient, when given);
+        returns ``(dgamma or None, dbeta)``. ``x`` None: the memory-saving mode."""
+        slope = _slope(epilogue, self.kdt)
+        dg, db = _grad_kernels(self.rows, self.view(dy), self.view(x),
+                               self.view(_y_read(x, y, slope)), slope, mean, invstd, gamma,
+                               beta, training, self.view(dx), self.view(dz), self.nc,
+                               self.kdt, self.sdt, self.size)
         if self.multi:
             dg, db = dg.reshape(self.pshape), db.reshape(self.pshape)
         return None if gamma is None else dg, db
@@ -347,186 +349,383 @@ def _update_running(rm, rv, momentum: float, st: np.ndarray, m: int) -> None:
                         + momentum * batch.reshape(run.shape))
 
 
+# ---- the kernels of each computation, on views chosen by a plan or by the general path
+
+
+def _train_kernels(rows, x, y, z, gamma, beta, eps, check, slope, nc, size):
+    """Statistics and y = act(xhat * gamma + beta + z) on kernel views; returns (st, p)."""
+    st = np.empty((4, nc))
+    p = np.empty((K.NP, nc), dtype=x.dtype)
+    p[K.SCALE] = 1.0 if gamma is None else gamma.reshape(nc)
+    p[K.SHIFT] = 0.0 if beta is None else beta.reshape(nc)
+    fam, nt = _family(size)
+    if rows:
+        fam.fwd_train_rows(x, float(eps), y, st, p, bool(check), nt, z, slope)
+    else:
+        fam.fwd_train_cmajor(x, float(eps), y, st, p, bool(check), nt, BLOCK_BYTES, z, slope)
+    return st, p
+
+
+def _train_result(st, p, sdt, pshape, check, bad_y=None):
+    """``(mean, invstd, bad)`` of a training forward from the kernels' st and p."""
+    mean, _, invstd, acc = st
+    bad = None
+    if check:
+        bad = ~(np.isfinite(mean) & np.isfinite(invstd)) | (acc != 0.0)
+        if bad_y is not None:
+            bad |= bad_y
+        bad = bad.reshape(pshape)
+    if p.dtype == sdt:  # the kernel stored both rounded to x's dtype already
+        mean, invstd = p[K.MU_HI], p[K.INV]
+    else:
+        mean, invstd = mean.astype(sdt), invstd.astype(sdt)
+    if len(pshape) > 1:
+        mean, invstd = mean.reshape(pshape), invstd.reshape(pshape)
+    return mean, invstd, bad
+
+
+def _apply_kernels(rows, x, p, y, z, slope, size):
+    """y = act((x - mu_hi) * scale + shift + z) with the constants p, on kernel views."""
+    fam, nt = _family(size)
+    if rows:
+        fam.apply_rows(x, p, y, _ST0, False, nt, z, slope)
+    else:
+        fam.affine_cmajor(x, p, y, nt, z, slope)
+
+
+def _y_read(x, y, slope):
+    """The y that backward reads: for act' (an activation) or for xhat (no x), else none."""
+    return y if x is None or slope is not None else None
+
+
+def _origin(mean, invstd, gamma, beta, recover, nc, kdt):
+    """The backward constants q (float64) and p (kernels' dtype) with xhat's origin and unit
+    (see ``_cpu_kernels``); the per-channel arrays as float64 (gamma empty for None)."""
+    args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), _f64(beta, nc))
+    q = np.empty((K.NQ, nc))
+    p = np.empty((K.NP, nc), dtype=kdt)
+    K.bwd_origin(*args, recover, q, p)
+    return args, q, p
+
+
+def _grad_kernels(rows, dy, x, y, slope, mean, invstd, gamma, beta, training, dx, dz, nc,
+                  kdt, sdt, size):
+    """The fused backward on kernel views; returns (dgamma, dbeta) as [C] in sdt."""
+    (_, inv, g, _), q, p = _origin(mean, invstd, gamma, beta, x is None, nc, kdt)
+    dgb = np.empty((2, nc), dtype=sdt)
+    fam, nt = _family(size)
+    if rows:
+        fam.bwd_rows(dy, x, y, slope, inv, g, bool(training), dx, dz, dgb, q, p, nt)
+    else:
+        fam.bwd_cmajor(dy, x, y, slope, inv, g, bool(training), dx, dz, dgb, q, p, nt,
+                       BLOCK_BYTES)
+    return dgb[0], dgb[1]
+
+
+# ---- the whole calls
+
+
 def forward_training(x, gamma, beta, layout: Layout, *, eps, momentum=0.1, running_mean=None,
-                     running_var=None, out=None, check_finite=False, plan_=None):
-    """y = gamma * (x - mu) / sqrt(var + eps) + beta with the batch's mu and biased var.
+                     running_var=None, out=None, check_finite=False, residual=None,
+                     epilogue=None, plan_=None):
+    """y = act(gamma * (x - mu) / sqrt(var + eps) + beta + residual) with the batch's mu and
+    biased var, in one read of x (and of the residual) where the block fits the cache.
 
     Args:
         x: [layout.shape] input; gamma, beta: [param_shape] or None.
         running_mean, running_var: [param_shape] updated in place when given.
-        out: optional [layout.shape] array of x's dtype that receives y.
+        out: optional [layout.shape] array of x's dtype that receives y; x itself for the
+            memory-saving mode (y written over x, element by element after the statistics).
+        residual: optional [layout.shape] array of x's dtype added before the activation.
+        epilogue: a :class:`~batchnorm._shapes.Epilogue` or None.
         plan_: x's :class:`Plan`, when the caller holds it (else it is looked up).
 
     Returns:
         ``(y, mean, invstd, bad)`` as in :func:`batchnorm.reference.forward_training`.
     """
     pl = plan(x, layout) if plan_ is None else plan_
-    if pl.direct and (pl.fresh if out is None else pl.takes(out)):
+    if pl.runs(out, residual):
         y = np.empty_like(x) if out is None else out
         mean, invstd, bad = pl.train(x, gamma, beta, float(eps), float(momentum), running_mean,
-                                     running_var, y, bool(check_finite))
+                                     running_var, y, bool(check_finite), residual=residual,
+                                     epilogue=epilogue)
         return y, mean, invstd, bad
     return _forward_training(x, gamma, beta, layout, eps=eps, momentum=momentum,
                              running_mean=running_mean, running_var=running_var, out=out,
-                             check_finite=check_finite)
+                             check_finite=check_finite, residual=residual, epilogue=epilogue)
 
 
-def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=None, plan_=None):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the given statistics.
+def forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out=None,
+                      residual=None, epilogue=None, plan_=None):
+    """y = act(gamma * (x - mean) / sqrt(var + eps) + beta + residual), given statistics.
 
     Args:
         x: [layout.shape]; gamma, beta: [param_shape] or None; mean, var: [param_shape].
-        out: optional [layout.shape] array of x's dtype that receives y.
+        out: optional [layout.shape] array of x's dtype that receives y (x itself allowed).
+        residual, epilogue: as in :func:`forward_training`.
         plan_: x's :class:`Plan`, when the caller holds it (else it is looked up).
     """
     pl = plan(x, layout) if plan_ is None else plan_
-    if pl.direct and (pl.fresh if out is None else pl.takes(out)):
+    if pl.runs(out, residual):
         y = np.empty_like(x) if out is None else out
-        pl.infer(x, gamma, beta, mean, var, float(eps), y)
+        pl.infer(x, gamma, beta, mean, var, float(eps), y, residual=residual,
+                 epilogue=epilogue)
         return y
-    return _forward_inference(x, gamma, beta, mean, var, layout, eps=eps, out=out)
+    nc = layout.channels
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+    p = np.empty((K.NP, nc), dtype=pl.kdt)
+    K.inference_consts(_f64(mean, nc), _f64(var, nc), _f64(gamma, nc), _f64(beta, nc),
+                       float(eps), p)
+    return _general_apply(x, p, layout, residual, epilogue, out)
 
 
-def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=None,
-             plan_=None):
-    """dx, dgamma, dbeta from dy and the saved mean / invstd (contract §1).
+def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=None, y=None,
+             beta=None, epilogue=None, residual=False, out_dz=None, plan_=None):
+    """dx, dgamma, dbeta (and dz) from dy and the saved mean / invstd (contract §1, §8).
 
-    Training:  dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M)
-    Inference: dx = gamma * invstd * dy
+    With g = dy * act'(pre) (g = dy without an activation), xhat = (x - mean) * invstd:
+    Training:  dx = gamma * invstd * (g - (dbeta + xhat * dgamma) / M)
+    Inference: dx = gamma * invstd * g
+    dbeta = sum(g), dgamma = sum(g * xhat), dz = g (the residual's gradient).
+
+    What it reads, per element (itemsize bytes each): dy and x without an activation (2);
+    dy, x and y with one (3); dy and y in the memory-saving mode (``x`` None: 2), where
+    xhat = (act^-1(y) - beta) / gamma. It writes dx, and dz when ``residual``. Each block
+    of channels (cmajor) or rows (rows kernels) is read twice, the second time from cache
+    when the block fits.
+
     Args:
-        dy, x: [layout.shape]; gamma: [param_shape] or None; mean, invstd: [param_shape].
-        out: optional [layout.shape] array of x's dtype that receives dx.
-        plan_: x's :class:`Plan`, when the caller holds it (else it is looked up).
+        dy: [layout.shape]; x: [layout.shape] or None; gamma: [param_shape] or None;
+        mean, invstd: [param_shape] the saved statistics.
+        out: optional [layout.shape] array of dy's dtype that receives dx.
+        y: [layout.shape] the forward's output (with an activation, or x None).
+        beta: [param_shape] or None, read only when x is None.
+        epilogue: the forward's :class:`~batchnorm._shapes.Epilogue` or None.
+        residual: whether to return dz; out_dz: optional array that receives it.
+        plan_: the :class:`Plan` of x (or of y when x is None), when the caller holds it.
     Returns:
-        ``(dx, dgamma or None, dbeta)``; dgamma and dbeta in the statistics dtype.
+        ``(dx, dgamma or None, dbeta)``, and dz last when ``residual``; dgamma and dbeta in
+        the statistics dtype.
     """
-    pl = plan(x, layout) if plan_ is None else plan_
-    if pl.direct and pl.takes(dy) and (pl.fresh if out is None else pl.takes(out)):
-        dx = np.empty_like(x) if out is None else out
-        dg, db = pl.grad(dy, x, gamma, mean, invstd, bool(training), dx)
-        return dx, dg, db
-    return _backward(dy, x, gamma, mean, invstd, layout, training=training, out=out)
+    ref = y if x is None else x
+    pl = plan(ref, layout) if plan_ is None else plan_
+    slope = _slope(epilogue, pl.kdt)
+    yr = _y_read(x, y, slope)
+    if pl.runs(out, dy, yr, x) and (not residual or pl.runs(out_dz)):
+        dx = np.empty_like(dy) if out is None else out
+        dz = (np.empty_like(dy) if out_dz is None else out_dz) if residual else None
+        dg, db = pl.grad(dy, x, gamma, mean, invstd, training, dx, y=y, beta=beta,
+                         epilogue=epilogue, dz=dz)
+        return (dx, dg, db, dz) if residual else (dx, dg, db)
+    return _backward(dy, x, gamma, mean, invstd, layout, training=training, out=out, y=yr,
+                     beta=beta, slope=slope, residual=residual, out_dz=out_dz)
+
+
+# ---- the phases (protocol.Backend): what SyncBatchNorm runs with a collective between
+
+
+def moments(x, layout: Layout):
+    """``(count, mean, m2)`` per channel: M, the mean and sum((x - mean)^2), float64
+    [param_shape], from shifted sums in one read of x (see ``_cpu_kernels``). Moments of
+    parts merge exactly with :func:`batchnorm.backends.protocol.merge_moments`."""
+    pshape, nc = layout.param_shape, layout.channels
+    if x.size == 0:
+        return 0, np.zeros(pshape), np.zeros(pshape)
+    pl = plan(x, layout)
+    if pl.direct:
+        rows, xv = pl.rows, pl.view(x)
+    else:
+        x3 = _compute_view(x, layout)
+        xv = _rows(x3)
+        rows = xv is not None
+        xv = xv if rows else x3
+    st = np.empty((4, nc))
+    p = np.empty((K.NP, nc), dtype=xv.dtype)
+    p[K.SCALE] = 1.0
+    p[K.SHIFT] = 0.0
+    fam, nt = _family(xv.size)
+    if rows:
+        fam.stats_rows(xv, 0.0, st, p, nt)
+    else:
+        fam.moments_cmajor(xv, st, p, nt, BLOCK_BYTES)
+    m = layout.count
+    return m, st[K.MEAN].reshape(pshape), (st[K.VAR] * m).reshape(pshape)
+
+
+def apply(x, mean, invstd, gamma, beta, layout: Layout, *, residual=None, epilogue=None,
+          out=None):
+    """y = act(gamma * (x - mean) * invstd + beta + residual) in x's dtype: one read of x
+    (and of the residual), one write of y. Arguments as in :func:`forward_inference`, with
+    ``invstd`` [param_shape] in place of var and eps."""
+    nc = layout.channels
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+    pl = plan(x, layout)
+    p = np.empty((K.NP, nc), dtype=pl.kdt)
+    K.apply_consts(_read(mean, nc), _read(invstd, nc), _read(gamma, nc), _read(beta, nc), p)
+    if pl.runs(out, residual):
+        y = np.empty_like(x) if out is None else out
+        _apply_kernels(pl.rows, pl.view(x), p, pl.view(y), pl.view(residual),
+                       _slope(epilogue, pl.kdt), pl.size)
+        return y
+    return _general_apply(x, p, layout, residual, epilogue, out)
+
+
+def grad_sums(dy, x, mean, invstd, layout: Layout, *, y=None, gamma=None, beta=None,
+              epilogue=None):
+    """``(sum(g), sum(g * xhat))`` per channel, float64 [param_shape], g = dy * act'(pre).
+
+    Reads dy and x, plus y with an activation; dy and y when ``x`` is None (the memory-saving
+    mode, xhat = (act^-1(y) - beta) / gamma). Sums of parts add (SyncBatchNorm's
+    all_reduce).
+    """
+    pshape, nc = layout.param_shape, layout.channels
+    if dy.size == 0:
+        return np.zeros(pshape), np.zeros(pshape)
+    ref = y if x is None else x
+    pl = plan(ref, layout)
+    slope = _slope(epilogue, pl.kdt)
+    y = _y_read(x, y, slope)
+    _, q, p = _origin(mean, invstd, gamma, beta, x is None, nc, pl.kdt)
+    sums = np.empty((2, nc))
+    if pl.runs(None, dy, y, x):
+        rows, views = pl.rows, [pl.view(a) for a in (dy, x, y)]
+    else:
+        rows, views, _ = _general_views(layout, ref, (dy, x, y), ())
+    fam, nt = _family(dy.size)
+    if rows:
+        fam.grad_sums_rows(*views, slope, sums, q, p, nt)
+    else:
+        fam.grad_sums_cmajor(*views, slope, sums, q, p, nt, BLOCK_BYTES)
+    return sums[0].reshape(pshape), sums[1].reshape(pshape)
+
+
+def grad_apply(dy, x, mean, invstd, gamma, sums, layout: Layout, *, count, training=True,
+               y=None, beta=None, epilogue=None, out=None, out_dz=None, want_dz=False):
+    """``(dx, dz)`` from dy and the channel sums of :func:`grad_sums` over ``count`` values
+    per channel (the global count under SyncBatchNorm); dz = g is None unless ``want_dz``.
+
+    Training:  dx = gamma * invstd * (g - (sum(g) + xhat * sum(g xhat)) / count)
+    Inference: dx = gamma * invstd * g
+    Reads as :func:`grad_sums` (inference reads no x); writes dx, and dz when asked.
+    """
+    nc = layout.channels
+    ref = y if x is None else x
+    if dy.size == 0:
+        dx = np.empty_like(dy) if out is None else out
+        dz = (np.empty_like(dy) if out_dz is None else out_dz) if want_dz else None
+        return dx, dz
+    pl = plan(ref, layout)
+    slope = _slope(epilogue, pl.kdt)
+    y = _y_read(x, y, slope)
+    (_, inv, g, _), q, p = _origin(mean, invstd, gamma, beta, x is None, nc, pl.kdt)
+    K.grad_consts(np.stack([_f64(s, nc) for s in sums]), inv, g, float(count),
+                  bool(training), q, p)
+    fam, nt = _family(dy.size)
+    if pl.runs(out, dy, y, x) and (not want_dz or pl.runs(out_dz)):
+        dx = np.empty_like(dy) if out is None else out
+        dz = (np.empty_like(dy) if out_dz is None else out_dz) if want_dz else None
+        views = [pl.view(a) for a in (dy, x, y, dx, dz)]
+        rows, dsts = pl.rows, None
+    else:
+        outs = (out, out_dz) if want_dz else (out,)
+        rows, views, dsts = _general_views(layout, ref, (dy, x, y), outs)
+        views += [None] * (5 - len(views))
+    dyv, xv, yv, dxv, dzv = views
+    if rows:
+        fam.grad_apply_rows(dyv, xv, yv, slope, p, q, bool(training), dxv, dzv, nt)
+    else:
+        fam.grad_apply_cmajor(dyv, xv, yv, slope, p, bool(training), dxv, dzv, nt)
+    if dsts is None:
+        return dx, dz
+    results = [d.finish() for d in dsts]
+    return results[0], results[1] if want_dz else None
 
 
 # ---- the general path: arrays no plan takes (float16, odd strides, an out= or a dy in
 #      another memory order than x), decided per call
 
 
-def _forward_training(x, gamma, beta, layout: Layout, *, eps, momentum, running_mean,
-                      running_var, out, check_finite):
-    """y = gamma * (x - mu) / sqrt(var + eps) + beta with the batch's mu and biased var.
+def _general_views(layout: Layout, ref, inputs, outs):
+    """``(rows, views, outputs)``: the kernels' views of ``inputs`` (None stays None) and of
+    the outputs, all in ``ref``'s order, with ``outputs`` the :class:`_Output` of each entry
+    of ``outs`` (an array to write, or None for a fresh one like ``ref``).
 
-    Args:
-        x: [layout.shape] input; gamma, beta: [param_shape] or None.
-        running_mean, running_var: [param_shape] updated in place when given.
-        out: optional [layout.shape] array of x's dtype that receives y.
-
-    Returns:
-        ``(y, mean, invstd, bad)`` as in :func:`batchnorm.reference.forward_training`.
+    An input stored in another order than ``ref`` (a channels-last x with an NCHW gradient,
+    as after an average pool) is copied into ref's order by tiles (an input-sized temporary),
+    which costs less than the kernels reading it with a stride. The rows kernels run when
+    every view has its channels contiguous, the cmajor ones otherwise.
     """
+    r3 = _compute_view(ref, layout)
+    rr = _rows(r3)
+    fam = _family(r3.size)[0]
+    v3 = []
+    for a in inputs:
+        if a is None or a is ref:
+            v3.append(None if a is None else r3)
+            continue
+        a3 = _compute_view(a, layout)
+        if (rr is None) != (_rows(a3) is None) or _strided_runs(r3, a3):
+            src, a3 = a3, _compute_view(np.empty_like(ref, dtype=a3.dtype), layout)
+            fam.copy3(src, a3)
+        v3.append(a3)
+    dsts = [_Output(ref, o, layout) for o in outs]
+    v3 += [d.view for d in dsts]
+    if rr is not None:
+        vr = [None if v is None else _rows(v) for v in v3]
+        if all(r is not None for r, v in zip(vr, v3, strict=True) if v is not None):
+            return True, vr, dsts
+    return False, v3, dsts
+
+
+def _general_apply(x, p, layout: Layout, residual, epilogue, out):
+    rows, (xv, zv, yv), (dst,) = _general_views(layout, x, (x, residual), (out,))
+    _apply_kernels(rows, xv, p, yv, zv, _slope(epilogue, xv.dtype), xv.size)
+    return dst.finish()
+
+
+def _forward_training(x, gamma, beta, layout: Layout, *, eps, momentum, running_mean,
+                      running_var, out, check_finite, residual, epilogue):
+    """:func:`forward_training` on the general path."""
     sdt = stats_dtype(x.dtype)
     pshape = layout.param_shape
-    nc = layout.channels
     if x.size == 0:
         zeros = np.zeros(pshape, dtype=sdt)
         y = np.empty_like(x) if out is None else out
         bad = np.zeros(pshape, dtype=bool) if check_finite else None
         return y, zeros, zeros.copy(), bad
-
-    x3 = _compute_view(x, layout)
-    dst = _Output(x, out, layout)
-    st = np.empty((4, nc))
-    p = np.empty((K.NP, nc), dtype=x3.dtype)
-    p[K.SCALE] = 1.0 if gamma is None else gamma.reshape(nc)
-    p[K.SHIFT] = 0.0 if beta is None else beta.reshape(nc)
-    fam, nt = _family(x3.size)
-    check = bool(check_finite)
-    xr = _rows(x3)
-    yr = None if xr is None else _rows(dst.view)
-    if yr is not None:
-        fam.fwd_train_rows(xr, float(eps), yr, st, p, check, nt)
-    else:
-        fam.fwd_train_cmajor(x3, float(eps), dst.view, st, p, check, nt, BLOCK_BYTES)
+    rows, (xv, zv, yv), (dst,) = _general_views(layout, x, (x, residual), (out,))
+    st, p = _train_kernels(rows, xv, yv, zv, gamma, beta, eps, check_finite,
+                           _slope(epilogue, xv.dtype), layout.channels, xv.size)
     y = dst.finish()
-
     _update_running(running_mean, running_var, momentum, st, layout.count)
-    mean, _, invstd, acc = st
-    bad = None
-    if check_finite:
-        bad = ~(np.isfinite(mean) & np.isfinite(invstd)) | (acc != 0.0)
-        if x.dtype == np.float16:  # the float32 -> float16 cast may overflow on its own
-            bad |= ~np.isfinite(as_3d(y, layout)).all(axis=(0, 2))
-        bad = bad.reshape(pshape)
-    if p.dtype == sdt:  # the kernel stored both rounded to x's dtype already
-        return y, p[K.MU_HI].reshape(pshape), p[K.INV].reshape(pshape), bad
-    return y, mean.astype(sdt).reshape(pshape), invstd.astype(sdt).reshape(pshape), bad
+    bad_y = None
+    if check_finite and x.dtype == np.float16:  # the float32 -> float16 cast may overflow
+        bad_y = ~np.isfinite(as_3d(y, layout)).all(axis=(0, 2))
+    mean, invstd, bad = _train_result(st, p, sdt, pshape, check_finite, bad_y)
+    return y, mean.reshape(pshape), invstd.reshape(pshape), bad
 
 
-def _forward_inference(x, gamma, beta, mean, var, layout: Layout, *, eps, out):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the given statistics.
-
-    Args:
-        x: [layout.shape]; gamma, beta: [param_shape] or None; mean, var: [param_shape].
-        out: optional [layout.shape] array of x's dtype that receives y.
-    """
-    nc = layout.channels
-    if x.size == 0:
-        return np.empty_like(x) if out is None else out
-    x3 = _compute_view(x, layout)
-    p = np.empty((K.NP, nc), dtype=x3.dtype)
-    K.inference_consts(_f64(mean, nc), _f64(var, nc), _f64(gamma, nc), _f64(beta, nc),
-                       float(eps), p)
-    dst = _Output(x, out, layout)
-    fam, nt = _family(x3.size)
-    xr = _rows(x3)
-    yr = None if xr is None else _rows(dst.view)
-    if yr is not None:
-        fam.apply_rows(xr, p, yr, _ST0, False, nt)
-    else:
-        fam.affine_cmajor(x3, p, dst.view, nt)
-    return dst.finish()
-
-
-def _backward(dy, x, gamma, mean, invstd, layout: Layout, *, training, out):
-    """dx, dgamma, dbeta from dy and the saved mean / invstd (contract §1).
-
-    Training:  dx = gamma * invstd * (dy - (dbeta + xhat * dgamma) / M)
-    Inference: dx = gamma * invstd * dy
-    Args:
-        dy, x: [layout.shape]; gamma: [param_shape] or None; mean, invstd: [param_shape].
-        out: optional [layout.shape] array of x's dtype that receives dx.
-    Returns:
-        ``(dx, dgamma or None, dbeta)``; dgamma and dbeta in the statistics dtype.
-    """
-    sdt = stats_dtype(x.dtype)
+def _backward(dy, x, gamma, mean, invstd, layout: Layout, *, training, out, y, beta, slope,
+              residual, out_dz):
+    """:func:`backward` on the general path; ``y`` only when the kernels read it."""
+    ref = y if x is None else x
+    sdt = stats_dtype(dy.dtype)
     pshape = layout.param_shape
-    nc = layout.channels
-    if x.size == 0:
+    if dy.size == 0:
         zeros = np.zeros(pshape, dtype=sdt)
-        dx = np.empty_like(x) if out is None else out
-        return dx, None if gamma is None else zeros.copy(), zeros
-
-    x3 = _compute_view(x, layout)
-    dy3 = _compute_view(dy, layout)
-    fam, nt = _family(x3.size)
-    xr = _rows(x3)
-    dyr = _rows(dy3)
-    if (xr is None) != (dyr is None) or _strided_runs(x3, dy3):
-        # dy stored in another order than x (a channels-last x with an NCHW gradient, as
-        # after an average pool): dy is copied into x's order by tiles (an input-sized
-        # temporary), which costs less than the kernels reading dy with a stride
-        src, dy3 = dy3, _compute_view(np.empty_like(x, dtype=dy3.dtype), layout)
-        fam.copy3(src, dy3)
-        dyr = _rows(dy3)
-    dst = _Output(x, out, layout)
-    dgb = np.empty((2, nc), dtype=sdt)
-    p = np.empty((K.NP, nc), dtype=x3.dtype)
-    args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), bool(training))
-    dxr = None if xr is None or dyr is None else _rows(dst.view)
-    if dxr is not None:
-        fam.bwd_rows(dyr, xr, *args, dxr, dgb, p, nt)
-    else:
-        fam.bwd_cmajor(dy3, x3, *args, dst.view, dgb, p, nt, BLOCK_BYTES)
-    dx = dst.finish()
-    dg = None if gamma is None else dgb[0].reshape(pshape)
-    return dx, dg, dgb[1].reshape(pshape)
+        dx = np.empty_like(dy) if out is None else out
+        grads = (dx, None if gamma is None else zeros.copy(), zeros)
+        if residual:
+            grads += (np.empty_like(dy) if out_dz is None else out_dz,)
+        return grads
+    outs = (out, out_dz) if residual else (out,)
+    rows, views, dsts = _general_views(layout, ref, (dy, x, y), outs)
+    dyv, xv, yv, dxv = views[:4]
+    dzv = views[4] if residual else None
+    dg, db = _grad_kernels(rows, dyv, xv, yv, slope, mean, invstd, gamma, beta, training,
+                           dxv, dzv, layout.channels, dyv.dtype, sdt, dyv.size)
+    results = [d.finish() for d in dsts]
+    grads = (results[0], None if gamma is None else dg.reshape(pshape), db.reshape(pshape))
+    return grads + (results[1],) if residual else grads

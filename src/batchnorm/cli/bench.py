@@ -1,8 +1,9 @@
 """``batchnorm bench``: the benchmark modes, their common options, and the thread setting.
 
-Each mode is a flag (``--layers``, the default, ``--kernels``, ``--train``, ``--compile``)
-naming a module with ``add_arguments(group)``, which adds the options only that mode reads,
-and a function ``run(args) -> exit status``; the module imports nothing heavy at import time.
+Each mode is a flag (``--layers``, the default, ``--kernels``, ``--train``, ``--compile``,
+``--memory``, ``--sync``, ``--gpu-plan``) naming a module with ``add_arguments(group)``,
+which adds the options only that mode reads, and a function ``run(args) -> exit status``; the
+module imports nothing heavy at import time.
 Options shared by several modes are declared here once and each mode lists those it reads: an
 option given to a mode that does not read it is a usage error (nothing is silently ignored).
 To add a mode, add one :data:`MODES` entry.
@@ -45,6 +46,14 @@ MODES = {
     "compile": Mode("batchnorm.cli.bench_compile", "run",
                     "a small ResNet-style training step under torch.compile, ours vs torch.nn's",
                     ("quick", "reps", "budget", "csv", "layout", "batch", "image")),
+    "memory": Mode("batchnorm.cli.bench_memory", "run",
+                   "activation memory autograd holds through 20 (conv, BN, LeakyReLU) blocks: "
+                   "the memory-saving BatchNormAct2d vs torch.nn",
+                   ("csv", "layout", "dtype", "batch", "image")),
+    "sync": Mode("batchnorm.cli.bench_sync", "run",
+                 "SyncBatchNorm forward + backward on gloo processes vs the same shard "
+                 "through BatchNorm2d, and the collectives alone",
+                 ("quick", "reps", "csv", "layout", "only", "batch", "image")),
     "gpu-plan": Mode("batchnorm.cli.gpu_plan", "run",
                      "the gpu backend's launch plans for ResNet-50 at batch 32 and 256: a "
                      "traffic model (bytes, launches, waves), no GPU needed", ("batch", "csv")),
@@ -83,10 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only shapes whose NxCxHxW name contains TEXT (e.g. x2048x)")
     common.add_argument("--batch", type=int, default=None,
                         help="batch size (layers: one size, batch x image, instead of 8 x 128 "
-                             "and 32 x 224; kernels: 32, --quick 8; train: 8; compile: 32)")
+                             "and 32 x 224; kernels: 32, --quick 8; train: 8; compile: 32; "
+                             "memory: 32; sync: 8 per process)")
     common.add_argument("--image", type=int, default=None,
                         help="image height = width (layers: 128 with --batch; train: 128; "
-                             "compile: 32)")
+                             "compile: 32; memory: 56; sync: 128)")
     # dest -> (the module that reads it, or None for a common option; its default)
     options = {a.dest: (None, a.default) for a in common._group_actions}
     for name, mode in MODES.items():

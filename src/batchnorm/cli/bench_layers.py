@@ -24,9 +24,11 @@ The network total weights each shape by its number of layers (53 in all); its sp
 rounds of ``t_torch / t_ours``. Invalid and noisy figures are marked (``_measure.judge``); a
 total with an invalid layer is not reported as a result.
 
-Another pair of providers (for example a fused BN + add + ReLU against torch.nn's
-BatchNorm2d, add and ReLU) is one :class:`Pair` in :data:`PAIRS`: two module builders, the
-number of activation inputs, and the traffic of each pass.
+Other pairs of providers (``--pair``): ``bn_relu``, the fused ``BatchNormAct2d`` against
+torch.nn's BatchNorm2d then ReLU, and ``bn_add_relu``, the same with the residual add
+(torchvision's block ending: ``out = bn(x); out += identity; relu(out)``). Each is one
+:class:`Pair` in :data:`PAIRS`: two module builders, the number of activation inputs, and the
+traffic of each pass.
 """
 
 from __future__ import annotations
@@ -71,8 +73,46 @@ def _torch_bn2d(c: int):
     return torch.nn.BatchNorm2d(c)
 
 
+def _ours_bn_relu(c: int):
+    from ..torch import BatchNormAct2d
+
+    return BatchNormAct2d(c, activation="relu")
+
+
+def _torch_bn_relu(c: int):
+    """torch.nn's BatchNorm2d then ReLU(inplace=True), as torchvision's ResNet writes them."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.BatchNorm2d(c), torch.nn.ReLU(inplace=True))
+
+
+def _torch_bn_add_relu(c: int):
+    """The end of torchvision's residual block: ``out = bn(x); out += identity;
+    relu(out)`` with ReLU(inplace=True)."""
+    import torch
+
+    class BatchNormAddReLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.relu = torch.nn.BatchNorm2d(c), torch.nn.ReLU(inplace=True)
+
+        def forward(self, x, identity):
+            out = self.bn(x)
+            out += identity
+            return self.relu(out)
+
+    return BatchNormAddReLU()
+
+
 PAIRS = {
     "bn": Pair("batchnorm.torch.BatchNorm2d", "torch.nn.BatchNorm2d", _ours_bn2d, _torch_bn2d),
+    # fused: backward reads dy, x and y (act' off y's sign) and writes dx (and dz)
+    "bn_relu": Pair("batchnorm.torch.BatchNormAct2d(relu)", "torch.nn.BatchNorm2d+ReLU",
+                    _ours_bn_relu, _torch_bn_relu,
+                    traffic={"train": 6, "fwd": 2, "inf": 2}),
+    "bn_add_relu": Pair("batchnorm.torch.BatchNormAct2d(relu, residual)",
+                        "torch.nn.BatchNorm2d+add+ReLU", _ours_bn_relu, _torch_bn_add_relu,
+                        inputs=2, traffic={"train": 8, "fwd": 3, "inf": 3}),
 }
 
 

@@ -5,6 +5,12 @@ A training step of ResNet-50 (``networks.resnet50``; batch 8 at 128x128 by defau
 weights), in each layout: forward, cross-entropy, backward and an SGD update with momentum,
 every output fresh. The models step in interleaved rounds (``_measure.interleave``).
 
+``--fused`` compares ``fuse(convert_model(model))`` with torch.nn's, and times what the fused
+layers replace: batch norm, the residual add and the ReLU. torch.nn's network goes through
+the same graph rewrite with torch.nn's own modules and operations in each chain's place
+(:class:`Unfused`: its batch norm, ``+``, ``relu``; the same operations as before, grouped in
+one module), so that both models' hooks bracket the same stretch of the graph.
+
 A whole step's time cannot resolve batch norm's share: BN is about a tenth of a CPU ResNet-50
 step, and a shared machine moves a whole step by more than that from run to run. So
 ``_measure.ModuleTimer`` sums, from hooks that run on both models alike, the time each step
@@ -26,6 +32,56 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     """The options only this mode reads."""
     group.add_argument("--warmup", type=int, default=None,
                        help="untimed steps per model first (default 2, --quick 1)")
+    group.add_argument("--fused", action="store_true",
+                       help="time BN + add + ReLU in fuse(convert_model(model)) against the "
+                            "same operations in torch.nn's model")
+
+
+def _unfused_class():
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Unfused(nn.Module):
+        """A chain of the original graph as one module: ``act(bn(input) + residual)`` with
+        torch.nn's batch norm and torch's add and activation, as the model computed them."""
+
+        def __init__(self, bn, epilogue, inplace: bool):
+            super().__init__()
+            self.bn = bn
+            self.activation, self.negative_slope = epilogue.activation, epilogue.negative_slope
+
+        def forward(self, input, residual=None):
+            y = self.bn(input)
+            if residual is not None:
+                y = y + residual
+            if self.activation == "relu":
+                return F.relu(y)
+            return F.leaky_relu(y, self.negative_slope)
+
+    return Unfused
+
+
+def timed_modules(model) -> list:
+    """What the hooks bracket: each chain's module (fused or :class:`Unfused`) and each batch
+    norm outside a chain."""
+    unfused = _unfused_class()
+    chains = [m for m in model.modules() if type(m).__name__ == unfused.__name__]
+    inside = {id(m.bn) for m in chains}
+    return chains + [m for m in M.bn_modules(model) if id(m) not in inside]
+
+
+def _models(base, fused: bool):
+    """{provider name: a copy of ``base``}, torch.nn's first, as this mode compares them."""
+    from ..torch import convert_model
+    from ..torch.fuse import fuse, rewrite
+
+    if not fused:
+        return {"torch.nn": copy.deepcopy(base),
+                "batchnorm.torch": convert_model(copy.deepcopy(base))}
+    unfused = _unfused_class()
+    theirs = rewrite(copy.deepcopy(base), inplace=False, report=False, build=unfused)
+    return {"torch.nn": theirs, "batchnorm.torch fused": fuse(convert_model(
+        copy.deepcopy(base)))}
 
 
 def _stepper(model, x, target):
@@ -46,7 +102,6 @@ def run(args) -> int:
     """Step ResNet-50 with both batch norms in each layout; print the BN time and the step."""
     import torch
 
-    from ..torch import convert_model
     from .networks import resnet50
 
     batch, image = args.batch or 8, args.image or 128
@@ -64,14 +119,14 @@ def run(args) -> int:
     for lay in layouts:
         fmt = torch.channels_last if lay == "nhwc" else torch.contiguous_format
         x = x0.to(memory_format=fmt)
-        theirs = copy.deepcopy(base).to(memory_format=fmt)
-        ours = convert_model(copy.deepcopy(base))
-        for name, model in (("torch.nn", theirs), ("batchnorm.torch", ours)):
+        models = _models(copy.deepcopy(base).to(memory_format=fmt), args.fused)
+        for name, model in models.items():
             key = (name, lay)
-            timers[key] = M.ModuleTimer(M.bn_modules(model))
+            timers[key] = M.ModuleTimer(timed_modules(model))
             records[key] = {"step": [], "fwd": [], "bwd": []}
             steps[key] = _recorded(_stepper(model, x, target), timers[key], records[key])
-        pairs.append((("torch.nn", lay), ("batchnorm.torch", lay)))
+        theirs, ours = models
+        pairs.append(((theirs, lay), (ours, lay)))
 
     with progress_bar("warm-up steps", total=warmup * len(steps)) as advance:
         for _ in range(warmup):
@@ -126,6 +181,7 @@ def _rows(bn, records, timers, pairs, batch, image, args) -> list[dict]:
             s_step = M.summarize(rec["step"])
             rows.append(dict(
                 mode="train", provider=name, pass_="train_step", network="resnet50",
+                timed=_region(args),
                 shape=f"{batch}x3x{image}x{image}", dtype="float32", layout=lay,
                 threads=args.threads, bn_modules=timers[key].modules, reps=s_bn.n,
                 step_ms=s_step.median * 1e3, step_spread=s_step.spread,
@@ -139,17 +195,29 @@ def _rows(bn, records, timers, pairs, batch, image, args) -> list[dict]:
     return rows
 
 
+def _region(args) -> str:
+    return "bn+add+relu" if getattr(args, "fused", False) else "bn"
+
+
 def _print(rows, batch, image, args) -> None:
     console(f"batchnorm bench --train: ResNet-50, batch {batch}, {image}x{image}, float32, SGD "
             f"with momentum; {M.device()}; {M.versions()}; threads={args.threads} "
             "(Numba and PyTorch)")
-    console("BN ms = time inside the 53 BN modules' forward + backward per step (hooks); "
-            "ratio = median over rounds of t_ours / t_torch (< 1: ours faster); "
-            "spread = interquartile range / median")
+    modules = rows[0]["bn_modules"] if rows else 0
+    if _region(args) == "bn":
+        console(f"BN ms = time inside the {modules} BN modules' forward + backward per step "
+                "(hooks); ratio = median over rounds of t_ours / t_torch (< 1: ours faster); "
+                "spread = interquartile range / median")
+    else:
+        console(f"BN ms = time inside BN, the residual add and ReLU per step: {modules} "
+                "modules' forward + backward (hooks), each a fused layer or torch.nn's BN + "
+                "add + ReLU in one module, or a BN outside any chain; ratio = median over "
+                "rounds of t_ours / t_torch (< 1: ours faster); spread = interquartile range "
+                "/ median")
     body = []
     for r in rows:
         ok = M.from_fields(r).valid
-        ours = r["provider"] == "batchnorm.torch"
+        ours = r["provider"] != "torch.nn"
         body.append([r["provider"], r["layout"], f"{r['step_ms']:.1f}",
                      f"{r['step_spread']:.0%}", f"{r['bn_fwd_ms']:.2f}", f"{r['bn_bwd_ms']:.2f}",
                      f"{r['bn_ms']:.2f}", f"{r['bn_spread']:.0%}", f"{r['bn_share']:.0%}",

@@ -1,4 +1,5 @@
-"""PyTorch bindings: ``batch_norm``, drop-in ``BatchNorm1d/2d/3d``, model conversion and folding.
+"""PyTorch bindings: ``batch_norm``, drop-in ``BatchNorm1d/2d/3d``, the fused
+``BatchNormAct1d/2d/3d``, model conversion and folding.
 
 CPU tensors run on the NumPy backends without copies; CUDA tensors run on the GPU backend.
 ``SyncBatchNorm`` and ``sync_batch_norm`` are imported on first use (they need
@@ -7,16 +8,29 @@ CPU tensors run on the NumPy backends without copies; CUDA tensors run on the GP
 
 from .convert import convert_model, fold_batchnorm
 from .function import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .fuse import FuseReport, fuse
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+)
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FuseReport",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
     "fold_batchnorm",
+    "fuse",
     "sync_batch_norm",
 ]
 

@@ -229,3 +229,128 @@ def check(x, running_mean, running_var, weight, bias, training, momentum, eps,
     weight, bias = tensors(x, running_mean, running_var, weight, bias, training, mode,
                            count=count)
     return weight, bias, momentum, eps
+
+
+# ---- the fused forms' arguments (contract §8): activation, residual, the memory-saving mode
+
+_EPILOGUES: dict = {}
+
+
+def epilogue(activation, negative_slope) -> S.Epilogue | None:
+    """The activation of a fused call (None for none), after the NumPy API's rules
+    (:func:`batchnorm._shapes.check_epilogue`: a slope >= 0, so that y tells the sign of its
+    input), raising this module's exception types. Cached per (activation, slope)."""
+    if activation is None:
+        return None
+    try:
+        key = (activation, type(negative_slope), negative_slope)
+        found = _EPILOGUES.get(key)
+    except TypeError:  # unhashable: let the check name it
+        key = found = None
+    if found is not None:
+        return found
+    try:
+        found = S.check_epilogue(activation, negative_slope)
+    except TypeError as err:
+        raise ArgumentTypeError(str(err)) from None
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
+    if key is not None and len(_EPILOGUES) < 64:
+        _EPILOGUES[key] = found
+    return found
+
+
+def check_residual(z, x: Tensor) -> None:
+    """The residual is a tensor of the input's shape, dtype and device (no broadcasting: it is
+    added element by element, and its gradient has x's shape)."""
+    if not isinstance(z, Tensor):
+        raise ArgumentTypeError(f"`residual` must be a torch.Tensor or None, got "
+                                f"{type(z).__name__}")
+    if z.dtype != x.dtype:
+        raise ArgumentTypeError(f"`residual` must have the input's dtype {x.dtype}, got "
+                                f"{z.dtype}")
+    if z.shape != x.shape:
+        raise ArgumentError(f"`residual` must have the input's shape {tuple(x.shape)}, got "
+                            f"{tuple(z.shape)}")
+    if not (x.is_cpu and z.is_cpu) and z.device != x.device:
+        raise ArgumentError(f"`residual` is on {z.device} but the input is on {x.device}")
+
+
+_OVERLAPS: dict = {}
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded or otherwise overlapping
+    view): sorted by stride, each dimension must step over all of the smaller ones. False
+    answers are exact; a True may be a layout torch would also refuse to prove safe. Cached
+    per (shape, strides)."""
+    key = (t.shape, t.stride())
+    found = _OVERLAPS.get(key)
+    if found is None:
+        dims = sorted((abs(st), n) for st, n in zip(key[1], key[0], strict=True) if n > 1)
+        span, found = 1, False
+        for stride, n in dims:
+            if stride < span:
+                found = True
+                break
+            span = stride * n
+        if len(_OVERLAPS) >= 256:
+            _OVERLAPS.clear()
+        _OVERLAPS[key] = found
+    return found
+
+
+def check_inplace_mode(act: S.Epilogue | None, residual: bool) -> None:
+    """The memory-saving mode needs an invertible activation (none, or leaky_relu with a
+    slope > 0) and no residual: backward recovers xhat from y alone."""
+    if residual:
+        raise ArgumentError("inplace=True (y written over the input) is not supported with a "
+                            "residual: xhat could not be recovered from y alone")
+    if act is not None and not act.invertible:
+        raise ArgumentError(
+            f"inplace=True (y written over the input) needs an invertible activation (None, "
+            f"or leaky_relu with a negative_slope > 0), got {act.activation!r} with slope "
+            f"{act.negative_slope}: backward recovers the normalized input from y")
+
+
+def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
+    """The memory-saving mode's conditions (contract §8), and torch's rules for an operation
+    that writes its input, checked before anything is written.
+
+    The mode's conditions are :func:`check_inplace_mode`'s. As torch's in-place operations,
+    it refuses a leaf that requires grad (or a view of one) while grad mode is on, an
+    inference tensor outside inference mode, an input whose elements share memory, and an
+    input sharing memory with ``others`` (the per-channel tensors). An input that another
+    operation saved for its backward is not refused here: the write counts in its version, and
+    that backward raises, as after any in-place operation. Under a compiler only the mode's
+    conditions are checked: the traced graph is functional.
+    """
+    check_inplace_mode(act, residual is not None)
+    if torch.compiler.is_compiling() or x.is_meta:
+        return  # the traced graph is functional; meta tensors hold no memory to overlap
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise ArgumentError("Inplace update to inference tensor outside InferenceMode is not "
+                            "allowed. You can make a clone to get a normal tensor before doing "
+                            "inplace update.")
+    if torch.is_grad_enabled() and x.requires_grad:
+        if x.is_leaf:
+            raise ArgumentError("a leaf Variable that requires grad is being used in an "
+                                "in-place operation.")
+        base = x._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            raise ArgumentError("a view of a leaf Variable that requires grad is being used "
+                                "in an in-place operation.")
+    if _overlaps_itself(x):
+        raise ArgumentError("unsupported operation: more than one element of the written-to "
+                            "tensor refers to a single memory location. Please clone() the "
+                            "tensor before performing the operation.")
+    if x.numel():
+        storage = x.untyped_storage()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
+        for t in others:
+            if t is not None and t.numel() and start <= t.data_ptr() < end:
+                raise ArgumentError("unsupported operation: some elements of the input tensor "
+                                    "and the written-to tensor refer to a single memory "
+                                    "location. Please clone() the tensor before performing "
+                                    "the operation.")

@@ -6,8 +6,9 @@ pair as ``nn.Sequential(conv, bn)``, and a module called twice is two uses of on
 weights. :func:`trace` turns a model into a graph of calls; the helpers below answer the
 questions a rewrite asks of it (which module a node calls, who uses a node's output, which
 chains of nodes match a pattern, what else reads a module's parameters). ``fold_batchnorm``
-uses them for conv/linear -> batch norm; they are written for fusing batch norm -> ReLU and
-batch norm -> add -> ReLU as well.
+uses them for conv/linear -> batch norm, ``fuse`` for batch norm -> ReLU and batch norm -> add
+-> ReLU; :func:`trace_for_rewrite`, :func:`propagate_shapes` and :func:`graph_module` turn a
+rewritten graph back into a model that holds the original's state.
 
 Tracing is symbolic: a ``forward`` whose control flow depends on tensor values cannot be
 traced, and :func:`trace` then says why instead of raising.
@@ -15,20 +16,24 @@ traced, and :func:`trace` then says why instead of raising.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 
 class Tracer(fx.Tracer):
     """``torch.fx``'s tracer, keeping every batch norm (torch's, ours, user subclasses) and
-    every module of this library as one opaque call: surgery replaces whole modules, and
-    their own ``forward`` need not be traceable."""
+    every layer of ``batchnorm.torch`` as one opaque call: surgery replaces whole modules,
+    and their own ``forward`` need not be traceable. (Models defined elsewhere in this
+    package, such as the CLI's networks, are traced through like any user's.)"""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, nn.modules.batchnorm._BatchNorm)
-                or type(m).__module__.startswith("batchnorm.")
+                or type(m).__module__.startswith(__package__ + ".")
                 or super().is_leaf_module(m, qualname))
 
 
@@ -110,6 +115,8 @@ def describe(node: fx.Node | None) -> str:
         return f"module `{node.target}`"
     if node.op == "placeholder":
         return f"the model's input `{node.target}`"
+    if node.op == "output":
+        return "the model's output"
     if node.op in ("call_function", "call_method"):
         name = getattr(node.target, "__name__", str(node.target))
         return f"{'function' if node.op == 'call_function' else 'method'} `{name}`"
@@ -134,3 +141,83 @@ def replace(root: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule at ``path`` is."""
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are ``model``'s own tensors: the
+    module tree (training flags, attributes) can be changed without touching ``model``, and
+    training either trains both."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def trace_for_rewrite(root: nn.Module) -> tuple[Traced | None, str | None]:
+    """``(traced, None)`` when ``root``'s graph can stand for its forward, else ``(None, why)``.
+
+    Tracing follows one path through Python control flow: a ``forward`` that branches on
+    ``self.training`` (auxiliary heads, drop-path) would be frozen in the current mode, and a
+    rewritten model would then compute something else after ``.train()`` or ``.eval()``. The
+    graph is therefore traced in both modes as well, and used only if all agree.
+    """
+    traced = trace(root)
+    if traced.graph is None:
+        return None, traced.error
+    flags = [(m, m.training) for m in root.modules()]
+    try:
+        codes = set()
+        for mode in (True, False):
+            root.train(mode)
+            other = trace(root)
+            if other.graph is None:
+                return None, f"in {'training' if mode else 'eval'} mode, {other.error}"
+            codes.add(other.graph.python_code("self").src)
+    finally:
+        for m, training in flags:
+            m.training = training
+    if len(codes) > 1 or traced.graph.python_code("self").src not in codes:
+        return None, ("its forward takes different paths in training and in eval mode (it "
+                      "reads `training`); one traced graph cannot stand for both")
+    return traced, None
+
+
+def propagate_shapes(root: nn.Module, graph: fx.Graph, example_inputs: Sequence) -> None:
+    """Record each node's output shape and dtype (``node.meta["tensor_meta"]``) for one call
+    on ``example_inputs``, run on fake tensors: nothing is computed and no parameter or
+    buffer (running statistics, batch counters) changes.
+
+    Raises:
+        ValueError: when the model cannot run on these inputs.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    module = fx.GraphModule(root, graph)
+    try:
+        ShapeProp(module, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(
+            *example_inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raised, said with its cause
+        raise ValueError(f"the model does not run on example_inputs: {type(exc).__name__}: "
+                         f"{exc}") from exc
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A ``GraphModule`` running ``graph`` that holds all of ``root``'s state.
+
+    ``fx.GraphModule`` itself keeps only the submodules and attributes the graph uses, each
+    under a fresh container; here the containers are ``root``'s own children (so modules that
+    ``forward`` never calls, and ``state_dict`` keys and their order, stay as they were), with
+    ``root``'s own parameters, buffers, training flag and public attributes.
+    """
+    gm = fx.GraphModule(root, graph, class_name)
+    state = gm.__dict__
+    state["_modules"] = dict(root._modules)
+    state["_parameters"] = dict(root._parameters)
+    state["_buffers"] = dict(root._buffers)
+    state["_non_persistent_buffers_set"] = set(root._non_persistent_buffers_set)
+    state["training"] = root.training
+    for name, value in vars(root).items():
+        if not name.startswith("_") and name not in state:
+            state[name] = value
+    return gm

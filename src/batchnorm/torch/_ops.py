@@ -450,6 +450,12 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 @forward_training.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps, mode, batches=None,
       check_finite=False):
+    return _training_outputs_like(x, running_mean, running_var, mode)
+
+
+def _training_outputs_like(x, running_mean, running_var, mode):
+    """Empty stand-ins of a training operator's outputs (y, mean, invstd, new running mean
+    and variance), for the fake kernels."""
     shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
 
     def like(r):
@@ -502,3 +508,287 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd:
 def _(dy, x, weight, mean, invstd, training, mode):
     shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt)
+
+
+# ---- the fused forms (contract §8): y = act(bn(x) + residual), and the memory-saving mode
+
+def _epilogue_kw(residual, epilogue) -> dict:
+    """The backends' epilogue keywords, only those used: plain batch norm passes none."""
+    kw = {}
+    if residual is not None:
+        kw["residual"] = residual
+    if epilogue is not None:
+        kw["epilogue"] = epilogue
+    return kw
+
+
+def _target(host: _Host, x: Tensor, xa, inplace: bool):
+    """(y, its stand-in for the backend): a fresh output, or x itself in the memory-saving
+    mode (the backend then writes over the array it reads, which the backends allow)."""
+    if not inplace:
+        y = _output_like(x)
+        return y, host(y, writeback=True)
+    if host.numpy and not (x.is_cpu and x.dtype != torch.bfloat16):
+        host.copies.append((x.detach(), torch.from_numpy(xa)))  # a host copy: write it back
+    return x, xa
+
+
+def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                residual: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, momentum: float, eps: float, epilogue,
+                inplace: bool = False, batches: Tensor | None = None,
+                check_finite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) of ``y = act(weight * xhat + bias + residual)`` with the batch's
+    statistics, updating the running statistics in place (as :func:`train`).
+
+    ``mean`` and ``invstd`` are NumPy arrays on the direct path and tensors otherwise, as
+    :func:`train` returns them. ``inplace``: y is written over x (the memory-saving mode;
+    the caller checked its conditions and clamped ``weight``) and x is returned. With
+    ``check_finite`` y is computed into a fresh tensor first and copied over x once it is
+    known to be finite, so that a call that raises leaves x as it was (contract §3).
+    """
+    if batches is not None:
+        momentum = 1.0 / max(float(batches), 1.0)
+    restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
+               if t is not None] if check_finite else ()
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        mean, invstd, bad = pl.cpu.train(
+            xa, _np(weight), _np(bias), eps, momentum, _written(running_mean),
+            _written(running_var), xa if over_x else y.numpy(), bool(check_finite),
+            residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        _, mean, invstd, bad = (pl.backend or _backend(xa)).forward_training(
+            xa, host(weight), host(bias), pl.layout, eps=eps, momentum=momentum,
+            running_mean=host(running_mean, writeback=True),
+            running_var=host(running_var, writeback=True), out=ya, check_finite=check_finite,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
+    for t in (running_mean, running_var, y if y is x else None):
+        if t is not None:  # written through NumPy: count the write, as torch would
+            torch.autograd.graph.increment_version(t)
+    if check_finite:
+        _raise_if_bad(bad, pl.layout, restore)
+    y = _as(y, x.dtype)
+    if inplace and y is not x:
+        with torch.no_grad():
+            x.copy_(y)
+        y = x
+    return y, mean, invstd
+
+
+def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                residual: Tensor | None, mean: Tensor, var: Tensor, eps: float, epilogue,
+                inplace: bool = False, check_finite: bool = False) -> Tensor:
+    """``y = act(weight * (x - mean) / sqrt(var + eps) + bias + residual)``, written over x
+    when ``inplace`` (as in :func:`train_fused`)."""
+    over_x = inplace and not check_finite
+    if pl.direct and (residual is None or residual.stride() == x.stride()):
+        xa = _np(x)
+        y = x if over_x else torch.empty_like(x)
+        pl.cpu.infer(xa, _np(weight), _np(bias), _np(mean), _np(var), eps,
+                     xa if over_x else y.numpy(), residual=_np(residual), epilogue=epilogue)
+    else:
+        host = _Host(pl)
+        xa = host(x)
+        y, ya = _target(host, x, xa, over_x)
+        (pl.backend or _backend(xa)).forward_inference(
+            xa, host(weight), host(bias), host(mean), host(var), pl.layout, eps=eps, out=ya,
+            **_epilogue_kw(host(residual), epilogue),
+        )
+        host.finish()
+    if y is x:
+        torch.autograd.graph.increment_version(x)
+    y = _as(y, x.dtype)
+    if check_finite:
+        _raise_if_bad(_nonfinite_channels(y, pl.layout), pl.layout, ())
+    if inplace and y is not x:
+        with torch.no_grad():
+            x.copy_(y)
+        y = x
+    return y
+
+
+def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
+               weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+               training: bool, epilogue, want_dz: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, dweight, dbias, dz) of a fused forward (contract §8), ``dz`` None unless
+    ``want_dz``: with g = dy * act'(pre) (read off y's sign), §1's formulas with dy replaced
+    by g, and dz = g.
+
+    ``mean`` and ``invstd`` as the forward returned them (NumPy arrays on the direct path).
+    ``x`` None is the memory-saving mode: xhat is recovered from ``y`` as
+    ``(act^-1(y) - bias) / weight`` (weight as the forward used it, clamped). ``y`` is needed
+    with an activation or without x. ``pl`` is the plan of the forward's input (any tensor
+    of its shape, strides and dtype).
+    """
+    ref = x if x is not None else y
+    if dy.shape != ref.shape:
+        S.check_same_shape("dy", dy, pl.layout)
+    yr = y if epilogue is not None or x is None else None  # what backward reads of y
+    if pl.direct:
+        dya = _np(dy)
+        if pl.cpu.takes(dya) and (yr is None or yr.stride() == ref.stride()):
+            dx = torch.empty_like(ref)
+            dz = torch.empty_like(ref) if want_dz else None
+            dweight, dbias = pl.cpu.grad(
+                dya, _np(x), _np(weight), _np(mean), _np(invstd), bool(training), dx.numpy(),
+                y=_np(yr), beta=_np(bias) if x is None else None, epilogue=epilogue,
+                dz=None if dz is None else dz.numpy())
+            if dweight is None:
+                dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
+            return dx, _tensor(dweight, ref, pl.sdt), _tensor(dbias, ref, pl.sdt), dz
+    host = _Host(pl)
+    mean, invstd = _tensor(mean, ref), _tensor(invstd, ref)  # arrays from a direct forward
+    dx = _output_like(ref)
+    dz = _output_like(ref) if want_dz else None
+    kw: dict = {}
+    if yr is not None:
+        kw["y"] = host(yr)
+    if x is None:
+        kw["beta"] = host(bias)
+    if epilogue is not None:
+        kw["epilogue"] = epilogue
+    if want_dz:
+        kw["residual"], kw["out_dz"] = True, host(dz, writeback=True)
+    dya = host(dy)
+    result = (pl.backend or _backend(dya)).backward(
+        dya, host(x), host(weight), host(mean), host(invstd), pl.layout, training=training,
+        out=host(dx, writeback=True), **kw)
+    host.finish()
+    dweight, dbias = result[1], result[2]
+    if dweight is None:
+        dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
+    if want_dz:
+        dz = _as(dz, ref.dtype)
+    return (_as(dx, ref.dtype), _tensor(dweight, ref, pl.sdt), _tensor(dbias, ref, pl.sdt),
+            dz)
+
+
+# The fused forms as operators, for the compilers (the eager route calls the functions above
+# directly). They write no input: the memory-saving mode is a flag, ``recover``, that makes
+# the autograd formula save y instead of x (batchnorm.torch.fused), and batch_norm writes y
+# over the input after the call.
+
+def _epilogue_of(activation: str | None, negative_slope: float):
+    return _args.epilogue(activation, negative_slope)
+
+
+@torch.library.custom_op(f"{_NS}::forward_training_fused", mutates_args=())
+def forward_training_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                           residual: Tensor | None, running_mean: Tensor | None,
+                           running_var: Tensor | None, momentum: float, eps: float, mode: str,
+                           batches: Tensor | None, check_finite: bool, activation: str | None,
+                           negative_slope: float, recover: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mu, invstd, new_running_mean, new_running_var) of
+    ``y = act(weight * xhat + bias + residual)`` with the batch's statistics (contract §8).
+
+    Args:
+        x, weight, bias, running_mean, running_var, momentum, eps, mode, batches,
+            check_finite: as in :func:`forward_training`.
+        residual: [x.shape] tensor of x's dtype added before the activation, or None.
+        activation, negative_slope: None, ``"relu"`` or ``"leaky_relu"`` with its slope.
+        recover: the memory-saving mode (weight already clamped away from 0 by the caller):
+            backward recovers xhat from y and saves no x. The values are the same.
+    """
+    new_mean, new_var = _updated(running_mean, x), _updated(running_var, x)
+    pl = plan(x, mode, "training", weight, bias, running_mean, running_var)
+    y, mean, invstd = train_fused(
+        pl, x, weight, bias, residual, new_mean if running_mean is not None else None,
+        new_var if running_var is not None else None, momentum, eps,
+        _epilogue_of(activation, negative_slope), False, batches, check_finite)
+    return y, _tensor(mean, x), _tensor(invstd, x), new_mean, new_var
+
+
+@forward_training_fused.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, momentum, eps, mode, batches,
+      check_finite, activation, negative_slope, recover):
+    return _training_outputs_like(x, running_mean, running_var, mode)
+
+
+@torch.library.custom_op(f"{_NS}::forward_inference_fused", mutates_args=())
+def forward_inference_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                            residual: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+                            mode: str, check_finite: bool, activation: str | None,
+                            negative_slope: float, recover: bool) -> Tensor:
+    """``y = act(weight * (x - mean) / sqrt(var + eps) + bias + residual)``; arguments as in
+    :func:`forward_training_fused` and :func:`forward_inference`."""
+    pl = plan(x, mode, "inference", weight, bias, mean, var)
+    return infer_fused(pl, x, weight, bias, residual, mean, var, eps,
+                       _epilogue_of(activation, negative_slope), False, check_finite)
+
+
+@forward_inference_fused.register_fake
+def _(x, weight, bias, residual, mean, var, eps, mode, check_finite, activation,
+      negative_slope, recover):
+    return torch.empty_like(x)
+
+
+def _no_dz(x: Tensor) -> Tensor:
+    return x.new_empty((0,))  # an operator cannot return None
+
+
+@torch.library.custom_op(f"{_NS}::backward_fused", mutates_args=())
+def backward_fused(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor | None,
+                   mean: Tensor, invstd: Tensor, training: bool, mode: str,
+                   activation: str | None, negative_slope: float, residual: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dz) of a fused forward (contract §8); ``dz`` (= g, the residual's
+    gradient) is an empty tensor unless ``residual``.
+
+    Args:
+        dy, x: [N, C, *spatial] upstream gradient and forward input.
+        y: the forward's output (its sign gives act'), or None without an activation.
+        weight, mean, invstd, training, mode: as in :func:`backward`.
+        activation, negative_slope: the forward's.
+        residual: whether the forward added a residual.
+    """
+    role = "backward" if training else "backward_inference"
+    pl = plan(x, mode, role, weight, None, mean, invstd)
+    dx, dweight, dbias, dz = grad_fused(pl, dy, x, y, weight, None, mean, invstd, training,
+                                        _epilogue_of(activation, negative_slope), residual)
+    return dx, dweight, dbias, dz if dz is not None else _no_dz(x)
+
+
+@backward_fused.register_fake
+def _(dy, x, y, weight, mean, invstd, training, mode, activation, negative_slope, residual):
+    shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt),
+            torch.empty_like(x) if residual else _no_dz(x))
+
+
+@torch.library.custom_op(f"{_NS}::backward_recover", mutates_args=())
+def backward_recover(dy: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     invstd: Tensor, training: bool, mode: str, activation: str | None,
+                     negative_slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of the memory-saving mode, from y alone (contract §8): xhat is
+    recovered as ``(act^-1(y) - bias) / weight``.
+
+    Args:
+        dy, y: [N, C, *spatial] upstream gradient and forward output.
+        weight: [param_shape] as the forward used it (every |weight| >= GAMMA_MIN), or None.
+        bias: [param_shape] or None.
+        invstd: [param_shape] the forward's 1 / sqrt(var + eps).
+        training, mode: as in :func:`backward`.
+        activation, negative_slope: the forward's (None, or leaky_relu with a slope > 0).
+    """
+    role = "backward" if training else "backward_inference"
+    pl = plan(y, mode, role, weight, bias, invstd, invstd)
+    dx, dweight, dbias, _ = grad_fused(pl, dy, None, y, weight, bias, torch.zeros_like(invstd),
+                                       invstd, training,
+                                       _epilogue_of(activation, negative_slope), False)
+    return dx, dweight, dbias
+
+
+@backward_recover.register_fake
+def _(dy, y, weight, bias, invstd, training, mode, activation, negative_slope):
+    shape, sdt = param_shape(y, mode), stats_dtype(y.dtype)
+    return torch.empty_like(y), y.new_empty(shape, dtype=sdt), y.new_empty(shape, dtype=sdt)

@@ -11,34 +11,51 @@ import torch
 from torch import nn
 
 from . import _fx
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _Forward
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    _Forward,
+)
 
 _log = logging.getLogger("batchnorm.torch")
 
 _OURS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+# What sync=True replaces: torch.nn's, ours, and our fused layers (their activation kept)
+_SYNCABLE = (*_OURS, *_OURS.values(), BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _replacement(bn: nn.Module, sync: bool, process_group) -> nn.Module | None:
-    """Our module for ``bn``, sharing its parameters and buffers; None to keep ``bn``."""
-    if sync:
-        if type(bn) in _OURS or type(bn) in _OURS.values():
-            from .sync import SyncBatchNorm
-
-            return SyncBatchNorm.from_batchnorm(bn, process_group)
-        return None
-    cls = _OURS.get(type(bn))  # exact types: user subclasses may override forward
-    if cls is None:
-        return None
+def shared_copy(bn: nn.Module, cls: type, **kwargs) -> nn.Module:
+    """A ``cls`` batch norm holding ``bn``'s parameters and buffers, shared, not copied (as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does): optimizers holding the old
+    parameters keep working, and requires_grad, device and dtype carry over, as do the
+    training flag and ``check_finite``. ``kwargs`` go to ``cls``'s constructor."""
+    if getattr(bn, "check_finite", False):
+        kwargs.setdefault("check_finite", True)
     with torch.device("meta"):  # placeholders only; the real tensors are moved over below
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    # Shared, not copied (as torch.nn.SyncBatchNorm.convert_sync_batchnorm does): optimizers
-    # holding the old parameters keep working, and requires_grad, device and dtype carry over.
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  **kwargs)
     new.weight, new.bias = bn.weight, bn.bias
     new.running_mean, new.running_var = bn.running_mean, bn.running_var
     new.num_batches_tracked = bn.num_batches_tracked
     new.train(bn.training)
     return new
+
+
+def _replacement(bn: nn.Module, sync: bool, process_group) -> nn.Module | None:
+    """Our module for ``bn``, sharing its parameters and buffers; None to keep ``bn``."""
+    if sync:
+        if type(bn) in _SYNCABLE:
+            from .sync import SyncBatchNorm
+
+            return SyncBatchNorm.from_batchnorm(bn, process_group)
+        return None
+    cls = _OURS.get(type(bn))  # exact types: user subclasses may override forward
+    return None if cls is None else shared_copy(bn, cls)
 
 
 def convert_model(module: nn.Module, *, sync: bool = False, process_group=None) -> nn.Module:

@@ -120,9 +120,22 @@ def _setup_backward(ctx, inputs, output):
 
 def _backward_backward(ctx, u, a, c):
     dy, x, weight, mean, invstd = ctx.saved_tensors
-    layout = _ops.layout_of(x, ctx.mode)
-    dims, bshape, m = layout.reduce_axes, layout.broadcast_shape, layout.count
     need = ctx.needs_input_grad
+    gdy, gx, gw = second_order(dy, x, weight, mean, invstd, ctx.training, ctx.mode, u, a, c)
+    return (
+        gdy.to(dy.dtype) if need[0] else None,
+        gx.to(x.dtype) if need[1] else None,
+        gw.to(weight.dtype) if need[2] else None,
+        None, None, None, None,
+    )
+
+
+def second_order(dy, x, weight, mean, invstd, training: bool, mode: str, u, a, c):
+    """(d/d dy, d/d x, d/d weight) of ``sum(u * dx) + a . dweight + c . dbias``, the gradient
+    of the backward (the formulas of the module notes); ``dy`` is what the backward read
+    (the fused forms pass g = dy * act'). Shapes: x's, x's, ``param_shape``."""
+    layout = _ops.layout_of(x, mode)
+    dims, bshape, m = layout.reduce_axes, layout.broadcast_shape, layout.count
     s, mu = invstd.view(bshape), mean.view(bshape)
     g = weight.view(bshape) if weight is not None else torch.ones_like(s)
     a, c = a.view(bshape), c.view(bshape)
@@ -131,7 +144,7 @@ def _backward_backward(ctx, u, a, c):
     def total(t):
         return t.sum(dims, keepdim=True)
 
-    if ctx.training:
+    if training:
         sum_dy, sum_dy_xhat = total(dy), total(dy * xhat)
         sum_u, sum_u_xhat = total(u), total(u * xhat)
         gdy = g * s * (u - (sum_u + xhat * sum_u_xhat) / m) + a * xhat + c
@@ -146,12 +159,7 @@ def _backward_backward(ctx, u, a, c):
         gdy = g * s * u + a * xhat + c
         gx = s * a * dy
         gw = total(u * s * dy)
-    return (
-        gdy.to(dy.dtype) if need[0] else None,
-        gx.to(x.dtype) if need[1] else None,
-        gw.view(layout.param_shape).to(weight.dtype) if need[2] else None,
-        None, None, None, None,
-    )
+    return gdy, gx, gw.view(layout.param_shape)
 
 
 torch.library.register_autograd(
@@ -235,8 +243,11 @@ def _requires_grad(t: Tensor | None) -> bool:
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, mode: str = "spatial",
-               batches: Tensor | None = None, check_finite: bool = False) -> Tensor:
-    """y = weight * (input - mean) / sqrt(var + eps) + bias, as ``torch.nn.functional.batch_norm``.
+               batches: Tensor | None = None, check_finite: bool = False,
+               activation: str | None = None, negative_slope: float = 0.01,
+               residual: Tensor | None = None, inplace: bool = False) -> Tensor:
+    """y = weight * (input - mean) / sqrt(var + eps) + bias, as ``torch.nn.functional.batch_norm``;
+    with the fused forms, ``y = act(that + residual)`` (contract §8).
 
     In training the batch's statistics normalize and ``running_mean`` / ``running_var`` (if
     given) are updated in place with ``momentum`` (the variance unbiased); otherwise the running
@@ -258,9 +269,28 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         check_finite: raise FloatingPointError naming the channels whose batch statistics or
             outputs are not finite (in training, at no extra pass over the data; in inference,
             one extra read of the output); the running statistics are then left unchanged.
+        activation: None, ``"relu"`` or ``"leaky_relu"``, applied after the affine transform
+            and the residual add.
+        negative_slope: leaky_relu's slope for negative inputs, >= 0 (backward reads the
+            sign of the input of the activation off y).
+        residual: optional tensor of the input's shape, dtype and device, added before the
+            activation (the shortcut of a residual block); differentiable.
+        inplace: the memory-saving mode: y is written over ``input`` (which is returned, and
+            marked modified as by torch's in-place operations) and backward keeps y alone,
+            recovering the normalized input from it. Needs no activation or leaky_relu with a
+            slope > 0, and no residual; ``|weight|`` is clamped to at least 1e-5
+            (``GAMMA_MIN``) in the forward, the gradient reaching ``weight`` unclamped.
+            Refused, as by torch's in-place operations, for a leaf that requires grad.
+
+    What backward keeps, per element of the input: the input alone (plain), the input and y
+    (with an activation), y alone (``inplace``); see :mod:`batchnorm.torch.fused`.
     """
     weight, bias, momentum, eps = _args.check(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mode)
+    if activation is not None or residual is not None or inplace is not False:
+        return _fused_call(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, mode, batches, check_finite, activation, negative_slope,
+                           residual, inplace)
     if input.dim() == 1:  # an empty rank-1 input (the only one check lets through)
         return input.clone()
     if _eager(input):
@@ -301,3 +331,24 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                                          eps, mode)
     return _ops_ns.forward_inference(input, weight, bias, running_mean, running_var,
                                      eps, mode, check_finite)
+
+
+def _fused_call(input, running_mean, running_var, weight, bias, training, momentum, eps, mode,
+                batches, check_finite, activation, negative_slope, residual, inplace):
+    """batch_norm's fused forms: their own arguments checked, then batchnorm.torch.fused."""
+    epilogue = _args.epilogue(activation, negative_slope)
+    if residual is not None:
+        _args.check_residual(residual, input)
+    if inplace is not True and inplace is not False:
+        raise _args.ArgumentTypeError(f"`inplace` must be a bool, got {type(inplace).__name__}")
+    if inplace:
+        _args.check_inplace(input, epilogue, residual,
+                            (weight, bias, running_mean, running_var))
+    if input.dim() == 1:  # an empty rank-1 input
+        return input if inplace else input.clone()
+    return _fused.batch_norm(input, running_mean, running_var, weight, bias, training,
+                             momentum, eps, mode, batches, check_finite, epilogue, residual,
+                             inplace)
+
+
+from . import fused as _fused  # noqa: E402  (it builds on this module's formulas)

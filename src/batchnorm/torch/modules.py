@@ -1,4 +1,5 @@
-"""``BatchNorm1d/2d/3d``: the ``torch.nn`` classes with their forward routed to our operator.
+"""``BatchNorm1d/2d/3d``: the ``torch.nn`` classes with their forward routed to our operator;
+``BatchNormAct1d/2d/3d``: the same with a fused residual add and activation.
 
 Subclassing keeps the constructor, parameters, buffers (``num_batches_tracked`` included),
 ``extra_repr``, input-dimension errors and ``state_dict`` format of ``torch.nn``, so the two
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _args
 from .function import batch_norm
 
 
@@ -35,6 +37,11 @@ class _Forward:
         return text + ", check_finite=True" if self.check_finite else text
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._batch_norm(input, *self._prepare(input))
+
+    def _prepare(self, input: Tensor) -> tuple:
+        """(running_mean, running_var, training, momentum, batches) of this call, as torch.nn
+        decides them; counts the batch in ``num_batches_tracked`` in training."""
         self._check_input_dim(input)
         training, track = self.training, self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -49,14 +56,8 @@ class _Forward:
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = training or (running_mean is None and running_var is None)
         keep_running = not training or track
-        return self._batch_norm(
-            input,
-            running_mean if keep_running else None,
-            running_var if keep_running else None,
-            use_batch,
-            momentum,
-            batches,
-        )
+        return (running_mean if keep_running else None, running_var if keep_running else None,
+                use_batch, momentum, batches)
 
     def _batch_norm(self, input: Tensor, running_mean: Tensor | None,
                     running_var: Tensor | None, training: bool, momentum: float,
@@ -75,3 +76,56 @@ class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on (N, C, D, H, W) input (NCDHW or channels-last-3d)."""
+
+
+class _ActForward(_Forward):
+    """The forward of the fused layers: torch.nn's batch norm, then the residual add and the
+    activation, in one :func:`batch_norm` call (contract §8).
+
+    ``activation`` (None, ``"relu"`` or ``"leaky_relu"``), ``negative_slope`` and ``inplace``
+    (the memory-saving mode: y written over the input, backward keeps y alone; see
+    :func:`batch_norm`) are constructor keywords and plain attributes, not part of the state
+    dict, which is torch.nn's: checkpoints load both ways.
+    """
+
+    activation = "relu"
+    negative_slope = 0.01
+    inplace = False
+
+    def __init__(self, *args, activation: str | None = "relu", negative_slope: float = 0.01,
+                 inplace: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        act = _args.epilogue(activation, negative_slope)  # refused here, not on first call
+        if inplace:
+            _args.check_inplace_mode(act, False)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.inplace = bool(inplace)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text + (", inplace=True" if self.inplace else "")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """y = act(bn(input) + residual); input [N, C, *spatial], residual of its shape."""
+        running_mean, running_var, training, momentum, batches = self._prepare(input)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                          momentum, self.eps, batches=batches, check_finite=self.check_finite,
+                          activation=self.activation, negative_slope=self.negative_slope,
+                          residual=residual, inplace=self.inplace)
+
+
+class BatchNormAct1d(_ActForward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` followed by an optional residual add and an activation, fused:
+    (N, C) or (N, C, L) input."""
+
+
+class BatchNormAct2d(_ActForward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` followed by an optional residual add and an activation, fused:
+    (N, C, H, W) input (NCHW or channels-last)."""
+
+
+class BatchNormAct3d(_ActForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` followed by an optional residual add and an activation, fused:
+    (N, C, D, H, W) input (NCDHW or channels-last-3d)."""

@@ -1,31 +1,45 @@
-"""Synchronized batch norm: the same op with its two per-channel reductions made global.
+"""Synchronized batch norm: the backend's phases with one collective between each pair.
 
-Each process holds a shard of the global batch. Forward first gathers a fixed-size header
-from every process (the number of channels and the dtype), so that processes which disagree
-all raise the same error instead of meeting in a collective of mismatched sizes; then every
-shard's per-channel (count, mean, M2) in one collective, merged by count (Chan et al.), so
-shards of any size, empty ones included, give exactly the statistics of the concatenated
-batch. Backward sums (sum dy, sum dy * xhat) over the group in one all-reduce and uses the
-global count.
+Each process holds a shard of the global batch. Batch norm is two reductions, each followed by
+an element-wise pass (:mod:`batchnorm.backends.protocol`); here every reduction's per-channel
+result crosses the group before the pass that needs it:
 
-The transport is ``torch.distributed`` (gloo on CPU, NCCL on GPUs). Eval mode, a group of one
-process, or an uninitialized ``torch.distributed`` take the local path, this library's
+- forward: on a layer's first call, a fixed-size header from every process (the number of
+  channels and the dtype), so that processes which disagree all raise the same error instead
+  of meeting in a collective of mismatched sizes (afterwards the layer's weight or running
+  statistics pin C, and the dtype travels with the moments); then the backend's ``moments``
+  of this shard, one ``all_gather`` of every shard's ``(count, dtype, mean, m2)``, Chan's
+  merge (:func:`protocol.merge_moments`: shards of any size, empty ones included, give
+  exactly the statistics of the concatenated batch), the running update with the global
+  count, and the backend's ``apply`` (with the epilogue: residual add and activation,
+  contract §8);
+- backward: the backend's ``grad_sums`` of this shard, one ``all_reduce`` of them, and the
+  backend's ``grad_apply`` with the global count (and dz for the residual).
+
+The phases run on the backend that runs the single-process calls: the CPU kernels for CPU
+tensors (gloo), the GPU kernels for CUDA tensors (NCCL). Eval mode, a group of one process, or
+an uninitialized ``torch.distributed`` take the local path, this library's
 :func:`batchnorm.torch.batch_norm`.
 
-Gradients: dx is the gradient of the sum of every rank's loss (the backward all-reduce makes
-it so); dgamma and dbeta are this rank's share only, because DistributedDataParallel averages
-parameter gradients over the group afterwards, exactly as it does for any other parameter.
+Gradients: dx (and dz) is the gradient of the sum of every rank's loss (the backward
+all-reduce makes it so); dgamma and dbeta are this rank's share only, because
+DistributedDataParallel averages parameter gradients over the group afterwards, exactly as it
+does for any other parameter. Backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
-from .. import _shapes as S
-from . import _args
-from ._ops import stats_dtype
-from .function import batch_norm
+from ..backends.protocol import merge_moments
+from ..reference import inverse_std
+from . import _args, _ops
+from .function import _inference_stats, batch_norm
 from .modules import _Forward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -37,40 +51,25 @@ def _world_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
-def _widened(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # float32 / float64 are used as they are; narrower floats get a float32 copy.
-    return t if t.dtype == acc else t.to(acc)
-
-
-def _local_moments(x: torch.Tensor, layout: S.Layout) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """This shard's per-channel count, mean and M2 = sum (x - mean)^2.
-
-    Args:
-        x: [N, C, *spatial], any memory format; N may be 0.
-        layout: x's spatial layout.
-    Returns:
-        count (values per channel), mean [C] and M2 [C] in the statistics dtype.
-    """
-    count = layout.count
-    acc = stats_dtype(x.dtype)
-    if count == 0:
-        zero = torch.zeros(layout.channels, dtype=acc, device=x.device)
-        return 0, zero, zero.clone()
-    # torch.var_mean uses Welford / two-pass internally: cancellation-free (contract §4).
-    # Narrower floats are widened first (a copy; float32 and float64 are reduced in place).
-    var, mean = torch.var_mean(_widened(x, acc), dim=layout.reduce_axes, correction=0)
-    return count, mean, var * count
-
-
-# The header every process sends first: its number of channels and its dtype's code.
+# Each process's dtype travels as a code: in the header, and beside its moments.
 _DTYPE_CODES = {dt: i for i, dt in enumerate(_args.INPUT_DTYPES)}
 
 
-def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
+def _disagreement(what: str, values: list, process_group, world_size: int) -> None:
+    """Raise the error every process of the group raises alike when they disagree."""
+    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
+             else range(world_size))
+    listed = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, values, strict=True))
+    raise _args.ArgumentError(
+        f"SyncBatchNorm: the processes of the group disagree on the input's {what} ({listed}); "
+        "every process must normalize the same channels in the same dtype"
+    )
+
+
+def _check_header(x: torch.Tensor, process_group, world_size: int) -> None:
     """Every process's (C, dtype) in one fixed-size all_gather; if they differ, every process
-    raises the same error. The collectives after it have sizes and dtypes that depend on
-    them, and a collective whose sizes differ between processes is undefined (gloo aborts
-    the process).
+    raises the same error. The moments' collective has a size that depends on C, and a
+    collective whose sizes differ between processes is undefined (gloo aborts the process).
     """
     header = torch.tensor([x.shape[1], _DTYPE_CODES[x.dtype]], dtype=torch.int64,
                           device=x.device)
@@ -79,70 +78,112 @@ def _check_agreement(x: torch.Tensor, process_group, world_size: int) -> None:
     table = torch.stack(rows).tolist()  # a device read on GPUs (the moments need one too)
     channels = [c for c, _ in table]
     dtypes = [_args.INPUT_DTYPES[d] for _, d in table]
-    if len(set(channels)) == 1 and len(set(dtypes)) == 1:
+    if len(set(channels)) > 1:
+        _disagreement("number of channels", channels, process_group, world_size)
+    if len(set(dtypes)) > 1:
+        _disagreement("dtype", dtypes, process_group, world_size)
+
+
+# The per-channel tensors (a layer's weight or running statistics) whose C every process of a
+# group has agreed on: {id(tensor): {group, ...}}. A call validates C against such a tensor
+# before any collective, so once agreed, C cannot differ again and the header's collective
+# is skipped; the dtype still travels with the moments and is compared after them.
+_AGREED: dict[int, set] = {}
+
+
+def _check_agreement(x: torch.Tensor, pin: torch.Tensor | None, process_group,
+                     world_size: int) -> None:
+    """The header's collective, unless ``pin`` (a per-channel tensor this call was validated
+    against) has already been agreed on in this group."""
+    key = id(pin)
+    if pin is not None and process_group in _AGREED.get(key, ()):
         return
-    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
-             else range(world_size))
-    what = "number of channels" if len(set(channels)) > 1 else "dtype"
-    got = channels if what == "number of channels" else dtypes
-    listed = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, got, strict=True))
-    raise _args.ArgumentError(
-        f"SyncBatchNorm: the processes of the group disagree on the input's {what} ({listed}); "
-        "every process must normalize the same channels in the same dtype"
-    )
+    _check_header(x, process_group, world_size)
+    if pin is not None:
+        if key not in _AGREED:
+            _AGREED[key] = set()
+            weakref.finalize(pin, _AGREED.pop, key, None)
+        _AGREED[key].add(process_group)
 
 
-def _gather_moments(count, mean, m2, process_group, world_size):
-    """One all_gather of the packed [count, mean[C], M2[C]] -> per-rank rows [W, 2C+1].
-
-    The pack is float64 whatever the input: counts stay exact beyond 2**24 and the merge
-    loses nothing; it is only 2C+1 numbers per rank.
-    """
-    packed = torch.cat(
-        [
-            torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
-            mean.to(torch.float64),
-            m2.to(torch.float64),
-        ]
-    )
-    rows = [torch.empty_like(packed) for _ in range(world_size)]
-    dist.all_gather(rows, packed, group=process_group)
-    return torch.stack(rows)
+# The per-channel numbers between the phases live where the phases put them: NumPy arrays
+# when the backend runs on the host (CPU tensors), tensors on the device otherwise. Each step
+# below takes either; only the collectives need tensors (on x's device).
 
 
-def _merge_moments(rows: torch.Tensor, c: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Chan's parallel merge of per-rank (n_r, mean_r, M2_r):
+def _pack(x: torch.Tensor, parts) -> torch.Tensor:
+    """One float64 tensor on x's device holding ``parts`` (per-channel arrays, flattened)."""
+    if isinstance(parts[0], np.ndarray):
+        flat = np.concatenate([np.ravel(p) for p in parts]).astype(np.float64, copy=False)
+        return torch.from_numpy(flat).to(x.device)
+    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
 
-        n = sum n_r,  mean = sum n_r mean_r / n,  M2 = sum M2_r + sum n_r (mean_r - mean)^2
 
-    Args:
-        rows: [W, 2C+1] float64 as packed by ``_gather_moments``.
+def _global_moments(x: torch.Tensor, host, moments, process_group, world_size: int):
+    """Chan's merge of every rank's ``(count, mean [C], m2 [C])`` from one all_gather.
+
+    The pack ``[count, dtype code, mean, m2]`` is float64 whatever the input: counts stay
+    exact beyond 2**24 and the merge loses nothing; it is only 2C + 2 numbers per rank.
+    Processes whose dtypes differ all raise, naming them.
+
     Returns:
-        global count, mean [C], M2 [C] (float64); zeros when the count is 0.
+        the global count (a Python int: a device read on GPUs), mean [C] and m2 [C] (float64,
+        in the phases' space; zeros when the count is 0).
     """
-    n_r = rows[:, :1]
-    mean_r = rows[:, 1 : 1 + c]
-    m2_r = rows[:, 1 + c :]
-    n = int(n_r.sum().item())
-    if n == 0:
-        zero = torch.zeros(c, dtype=rows.dtype, device=rows.device)
-        return 0, zero, zero.clone()
-    mean = (n_r * mean_r).sum(0) / n
-    m2 = m2_r.sum(0) + (n_r * (mean_r - mean) ** 2).sum(0)
-    return n, mean, m2
+    count, mean, m2 = moments
+    c = np.size(mean) if isinstance(mean, np.ndarray) else mean.numel()
+    head = [float(count), float(_DTYPE_CODES[x.dtype])]
+    lead = np.array(head) if isinstance(mean, np.ndarray) else mean.new_tensor(head)
+    packed = _pack(x, (lead, mean, m2))
+    table = torch.empty((world_size, 2 * c + 2), dtype=torch.float64, device=x.device)
+    dist.all_gather(list(table.unbind(0)), packed, group=process_group)
+    rows = host(table)
+    codes = [int(v) for v in rows[:, 1].tolist()]
+    if len(set(codes)) > 1:  # every process holds the same table: all raise alike
+        _disagreement("dtype", [_args.INPUT_DTYPES[k] for k in codes], process_group,
+                      world_size)
+    n, mean, m2 = merge_moments(rows[:, :1], rows[:, 2:2 + c], rows[:, 2 + c:])
+    return int(n), mean, m2
+
+
+def _inverse_std(var, eps: float):
+    """1 / sqrt(var + eps), 0 where var + eps == 0 (contract §4), float64 as var."""
+    if isinstance(var, np.ndarray):
+        return inverse_std(var, eps)
+    return _inference_stats(var, var, eps, torch.float64)[1]
+
+
+def _update_running(running, momentum: float, value) -> None:
+    """running = (1 - m) * running + m * value, computed in float64 (contract §3)."""
+    if running is None:
+        return
+    if isinstance(running, np.ndarray):
+        running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * value
+    else:
+        running.copy_((1.0 - momentum) * running.double() + momentum * value)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = act(weight * xhat + bias + residual) with the group's statistics, on the phases.
+
+    Inputs x, weight, bias, residual and one tuple of the rest (running statistics, eps,
+    momentum, batches, group, world size, epilogue). Saves x, weight, and y when there is an
+    activation (its sign gives act'); the float64 statistics are kept beside them.
+    """
+
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, batches, group,
-                world):
-        layout = S.resolve_layout(x.shape, "spatial", 1)
-        c = layout.channels
-        acc = stats_dtype(x.dtype)
-        _check_agreement(x, group, world)
-        count, mean_l, m2_l = _local_moments(x, layout)
-        rows = _gather_moments(count, mean_l, m2_l, group, world)
-        n, mean64, m264 = _merge_moments(rows, c)  # n on the host: a sync point on GPUs
+    def forward(ctx, x, weight, bias, residual, call):
+        running_mean, running_var, eps, momentum, batches, group, world, epilogue = call
+        # validation and the backend choice, once per shape (no count check: a shard may
+        # hold one value per channel, or none; the count that matters is the group's)
+        pl = _ops.plan(x, "spatial", "inference", weight, bias)
+        layout = pl.layout
+        pin = next((t for t in (weight, running_mean, running_var) if t is not None), None)
+        _check_agreement(x, pin, group, world)
+        host = _ops._Host(pl)
+        xa = host(x)
+        backend = pl.backend or _ops._backend(xa)
+        n, mean, m2 = _global_moments(x, host, backend.moments(xa, layout), group, world)
         # Decided after the collective, from numbers every rank holds: all raise or none does.
         if n == 1:
             raise ValueError(
@@ -151,90 +192,68 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
         if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
             momentum = 1.0 / max(float(batches), 1.0)
-
         if n > 0:
-            var64 = m264 / n
-            denom = var64 + eps
-            # contract §4: invstd = 0 where var + eps == 0 (constant channel, eps = 0), not inf.
-            invstd64 = torch.where(denom > 0, denom.rsqrt(), torch.zeros_like(denom))
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(
-                        mean64.to(running_mean.dtype), alpha=momentum
-                    )
-                if running_var is not None:
-                    running_var.mul_(1 - momentum).add_(
-                        (m264 / (n - 1)).to(running_var.dtype), alpha=momentum
-                    )
+            invstd = _inverse_std(m2 / n, eps)
+            _update_running(host(running_mean, writeback=True), momentum, mean)
+            _update_running(host(running_var, writeback=True), momentum, m2 / (n - 1))
         else:  # every shard empty: contract §5, saved stats 0, running stats unchanged
-            invstd64 = torch.zeros_like(mean64)
-        mean = mean64.to(acc)
-        invstd = invstd64.to(acc)
+            invstd = mean * 0
 
-        # y = (x - mean) * (gamma * invstd) + beta, built in the output buffer only;
-        # torch.sub keeps x's memory format (channels_last stays channels_last).
-        # float16 / bfloat16 are normalized in float32 (a widened copy) and rounded once.
-        bshape = layout.broadcast_shape
-        y = torch.sub(_widened(x, acc), mean.view(bshape))
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        y.mul_(scale.view(bshape))
-        if bias is not None:
-            y.add_(bias.to(acc).view(bshape))
-        y = y.to(x.dtype)
+        y = _ops._output_like(x)
+        backend.apply(xa, mean, invstd, host(weight), host(bias), layout,
+                      out=host(y, writeback=True),
+                      **_ops._epilogue_kw(host(residual), epilogue))
+        host.finish()
+        for running in (running_mean, running_var):
+            if running is not None:  # written through NumPy: count the write, as torch would
+                torch.autograd.graph.increment_version(running)
+        y = _ops._as(y, x.dtype)
 
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count = n
-        ctx.group = group
-        ctx.layout = layout
+        ctx.save_for_backward(x, weight, y if epilogue is not None else None)
+        ctx.stats, ctx.plan, ctx.count = (mean, invstd), pl, n
+        ctx.group, ctx.epilogue = group, epilogue
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.residual = residual is not None
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        n = ctx.count
-        acc = mean.dtype
-        dims, bshape = ctx.layout.reduce_axes, ctx.layout.broadcast_shape
-        mean_v = mean.view(bshape)
-        xw, dyw = _widened(x, acc), _widened(dy, acc)
-
-        # One buffer the size of x: first (x - mean) * dy for the reduction, then dx.
-        buf = torch.sub(xw, mean_v)
-        buf.mul_(dyw)
-        sum_dy_xmu = buf.sum(dims, dtype=acc)
-        sum_dy = dy.sum(dims, dtype=acc)
+        x, weight, y = ctx.saved_tensors
+        mean, invstd = ctx.stats
+        pl = ctx.plan
+        layout = pl.layout
+        host = _ops._Host(pl)
+        xa, dya = host(x), host(dy)
+        backend = pl.backend or _ops._backend(xa)
+        # with an activation, act' is read off y's sign (contract §8)
+        fused = {} if ctx.epilogue is None else {"y": host(y), "epilogue": ctx.epilogue}
+        local = backend.grad_sums(dya, xa, mean, invstd, layout, **fused)
         # dgamma / dbeta are this rank's share (DDP averages them); only dx needs the sums
         # over the whole group, in one packed all-reduce.
-        dgamma_local = sum_dy_xmu * invstd
-        dbeta_local = sum_dy
-        packed = torch.cat([sum_dy, sum_dy_xmu])
+        packed = _pack(x, local)
         dist.all_reduce(packed, group=ctx.group)
-        c = mean.shape[0]
-        g_sum_dy, g_sum_dy_xmu = packed[:c], packed[c:]
+        total = host(packed)
+        c = layout.channels
 
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # dx = gamma*invstd * (dy - (sum dy + xhat * sum dy*xhat) / n)
-            #    = a*dy + b*(x - mean) + c0  with a, b, c0 per channel.
-            a = invstd if weight is None else invstd * weight.to(acc)
-            if n > 0:
-                b = -a * invstd * invstd * g_sum_dy_xmu / n
-                c0 = -a * g_sum_dy / n
-            else:
-                b = c0 = torch.zeros_like(a)
-            torch.sub(xw, mean_v, out=buf)
-            buf.mul_(b.view(bshape))
-            buf.addcmul_(dyw, a.view(bshape))
-            buf.add_(c0.view(bshape))
-            dx = buf.to(x.dtype)
+        dx = _ops._output_like(x)
+        dz = _ops._output_like(x) if ctx.residual else None
+        if dz is not None:
+            fused.update(out_dz=host(dz, writeback=True), want_dz=True)
+        backend.grad_apply(dya, xa, mean, invstd, host(weight), (total[:c], total[c:]),
+                           layout, count=ctx.count, training=True,
+                           out=host(dx, writeback=True), **fused)
+        host.finish()
 
+        need = ctx.needs_input_grad
         dweight = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = dgamma_local.to(weight.dtype)
+        if weight is not None and need[1]:
+            dweight = _ops._tensor(local[1], x, weight.dtype).reshape(weight.shape)
         dbias = None
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            dbias = dbeta_local.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None, None
+        if ctx.bias_dtype is not None and need[2]:
+            dbias = _ops._tensor(local[0], x, ctx.bias_dtype).reshape(layout.param_shape)
+        return (_ops._as(dx, x.dtype) if need[0] else None, dweight, dbias,
+                _ops._as(dz, x.dtype) if dz is not None and need[3] else None, None)
 
 
 def sync_batch_norm(
@@ -249,14 +268,18 @@ def sync_batch_norm(
     process_group=None,
     *,
     batches: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch norm whose training statistics cover the batch of every process in the group.
 
-        y = gamma * (x - mean_global) / sqrt(var_global + eps) + beta
+        y = act(gamma * (x - mean_global) / sqrt(var_global + eps) + beta + residual)
 
-    Every process of ``process_group`` must call it (also with an empty shard), and in
-    backward every process must reach it too. Running statistics are updated in place with
-    the global count (unbiased variance ``M2 / (n - 1)``). Arguments follow the rules of
+    (the activation and the residual optional, as in :func:`batchnorm.torch.batch_norm`,
+    contract §8). Every process of ``process_group`` must call it (also with an empty shard),
+    and in backward every process must reach it too. Running statistics are updated in place
+    with the global count (unbiased variance ``M2 / (n - 1)``). Arguments follow the rules of
     :func:`batchnorm.torch.batch_norm`; processes that disagree on the number of channels or
     the dtype all raise a ValueError saying so.
 
@@ -270,18 +293,25 @@ def sync_batch_norm(
         process_group: the group to synchronize over; None is the default group.
         batches: as in :func:`batchnorm.torch.batch_norm`, the batches seen, this one
             included; replaces momentum by 1 / batches (torch.nn's momentum=None).
+        activation, negative_slope: None, ``"relu"`` or ``"leaky_relu"`` (slope >= 0).
+        residual: None or a tensor of the input's shape, dtype and device, added before the
+            activation; its gradient is returned too.
     """
     # Checked before any collective, so that a bad argument is an error here, not a hang
     # there. A shard may hold one value per channel: the count that matters is the group's.
     weight, bias, momentum, eps = _args.check(input, running_mean, running_var, weight, bias,
                                               training, momentum, eps, count=False)
+    epilogue = _args.epilogue(activation, negative_slope)
+    if residual is not None:
+        _args.check_residual(residual, input)
     world = _world_size(process_group)
     if not training or world == 1 or input.dim() < 2:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                          eps, batches=batches)
+                          eps, batches=batches, activation=activation,
+                          negative_slope=negative_slope, residual=residual)
     return _SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, batches, process_group,
-        world,
+        input, weight, bias, residual,
+        (running_mean, running_var, eps, momentum, batches, process_group, world, epilogue),
     )
 
 
@@ -293,7 +323,15 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
     common base ``_BatchNorm`` rather than from ``torch.nn.SyncBatchNorm`` itself because
     DistributedDataParallel refuses any ``torch.nn.SyncBatchNorm`` instance in a CPU module.
     The forward is :class:`batchnorm.torch.BatchNorm2d`'s; only training synchronizes.
+
+    ``activation`` (None, the default, ``"relu"`` or ``"leaky_relu"``) and ``negative_slope``
+    make it the synchronized form of ``BatchNormAct*d`` (contract §8): ``forward(input,
+    residual=None)`` returns ``act(bn(input) + residual)``. They are plain attributes, not
+    part of the state dict. There is no memory-saving mode (``inplace``) here.
     """
+
+    activation = None
+    negative_slope = 0.01
 
     def __init__(
         self,
@@ -305,23 +343,45 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        _args.epilogue(activation, negative_slope)  # refused here, not on the first call
+        self.activation, self.negative_slope = activation, float(negative_slope)
         self.process_group = process_group
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _batch_norm(self, input, running_mean, running_var, training, momentum, batches):
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = act(bn(input) + residual) (without an activation and a residual, batch norm);
+        ``residual`` has the input's shape, dtype and device."""
+        return self._batch_norm(input, *self._prepare(input), residual=residual,
+                                activation=self.activation, negative_slope=self.negative_slope)
+
+    def _batch_norm(self, input, running_mean, running_var, training, momentum, batches, *,
+                    residual=None, activation=None, negative_slope=0.01):
+        fused = dict(activation=activation, negative_slope=negative_slope, residual=residual)
         if not self.training:  # eval is local, also when it normalizes by this shard's batch
-            return super()._batch_norm(input, running_mean, running_var, training, momentum,
-                                       batches)
+            return batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                              training, momentum, self.eps, batches=batches,
+                              check_finite=self.check_finite, **fused)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                training, momentum, self.eps, self.process_group,
-                               batches=batches)
+                               batches=batches, **fused)
 
     @classmethod
     def from_batchnorm(cls, module: torch.nn.modules.batchnorm._BatchNorm, process_group=None):
@@ -331,6 +391,10 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
         ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), so device, dtype,
         requires_grad and values carry over and an optimizer built before the conversion
         still updates them; the training flag is copied.
+
+        A fused layer (``BatchNormAct*d``, or a SyncBatchNorm with an activation) keeps its
+        activation; its memory-saving mode does not carry over (the synchronized layer keeps
+        its input for backward, and does not clamp ``|weight|``).
 
         Args:
             module: any ``torch.nn`` BatchNorm1d/2d/3d or SyncBatchNorm, or a subclass.
@@ -350,6 +414,8 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
             module.track_running_stats,
             process_group,
             device="meta",
+            activation=getattr(module, "activation", None),
+            negative_slope=getattr(module, "negative_slope", 0.01),
         )
         if module.affine:
             new.weight = module.weight
