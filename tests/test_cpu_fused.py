@@ -537,3 +537,59 @@ def test_property_matches_reference(shape, layout, dtype, form, step, seed, forc
         if force_parallel:
             mp.setattr(cpu, "_SERIAL_BELOW", 0)
         check_form(x, z, dy, gamma, beta, mode, axis, form, dtype)
+
+
+# --- backward's x route: act' from x where pre is surely not 0, y only near 0 -------------
+
+def _near_zero_case(layout, dtype, seed):
+    """x, gamma, beta whose pre = gamma * xhat + beta sits exactly at 0 and within a few
+    units of 0 for many elements (x takes few values), and dy."""
+    mode, axis, shape = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    lay = resolve_layout(shape, mode, axis)
+    x = rng.integers(-3, 4, shape).astype(dtype)
+    mean, m2 = x.mean(axis=lay.reduce_axes), x.var(axis=lay.reduce_axes)
+    gamma = rng.uniform(0.5, 1.5, lay.param_shape).astype(dtype)
+    xhat1 = (1.0 - mean) / np.sqrt(m2 + 1e-5)  # x == 1 gives pre == 0 up to rounding
+    beta = (-gamma * xhat1).astype(dtype)
+    ulp = np.finfo(dtype).eps * np.abs(beta)
+    beta = beta + (rng.integers(-2, 3, lay.param_shape) * ulp).astype(dtype)
+    return lay, x, gamma, beta, rng.normal(size=shape).astype(dtype), mode, axis
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [("relu", 0.0), ("leaky_relu", 0.2)], ids=["relu", "leaky"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+def test_x_route_equals_the_y_route(layout, act, dtype, family):
+    # with beta, backward takes act' from x; without, off y's sign: the same gradients,
+    # also where pre is 0 or within rounding of it (y then decides)
+    for seed in range(3):
+        lay, x, gamma, beta, dy, mode, axis = _near_zero_case(layout, dtype, seed)
+        kw = dict(mode=mode, channel_axis=axis, activation=act[0], negative_slope=act[1])
+        y, s = bn.forward_training(x, gamma, beta, backend="cpu", **kw)
+        # the case it is about: pre within rounding of 0 (x == 1)
+        assert (np.abs(y) <= 64 * np.finfo(dtype).eps * np.abs(y).max()).any()
+        for training in (True, False):
+            xr = bn.backward(dy, x, gamma, s, y=y, beta=beta, training=training, backend="cpu",
+                             **kw)
+            yr = bn.backward(dy, x, gamma, s, y=y, training=training, backend="cpu", **kw)
+            atol, rtol = tolerance(dtype)
+            for name, a, b in zip(("dx", "dgamma", "dbeta"), xr, yr, strict=True):
+                assert_close(a, b, atol=atol / 100, rtol=rtol / 100, name=name)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_activation"])
+def test_x_route_reads_no_y_clear_of_zero(layout, family):
+    # pre clear of 0 everywhere: the x route never reads y (all NaN here)
+    mode, axis, shape = LAYOUTS[layout]
+    x, _, dy, gamma, beta = case(shape, axis, mode, np.float32, seed=7)
+    lay = resolve_layout(shape, mode, axis)
+    kw = dict(mode=mode, channel_axis=axis, activation="leaky_relu", negative_slope=0.1)
+    y, s = bn.forward_training(x, gamma, beta, backend="cpu", **kw)
+    pre = ref.apply(x, s.mean, s.invstd, gamma, beta, lay).astype(np.float64)
+    assert np.abs(pre).min() > 1e-4
+    got = bn.backward(dy, x, gamma, s, y=np.full_like(y, np.nan), beta=beta, backend="cpu",
+                      **kw)
+    want = bn.backward(dy, x, gamma, s, y=y, backend="reference", **kw)
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+        close(g, w, np.float32, name)

@@ -695,6 +695,28 @@ def test_argument_errors():
         bnt.BatchNormAct2d(3, activation="tanh")
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_residual_without_grad(monkeypatch, activation, training, layout, route):
+    """A residual that needs no gradient (a block's input that nothing trains) still shapes
+    act': backward must not take act' from x alone."""
+    from batchnorm.torch import function
+
+    monkeypatch.setattr(function, "EAGER_FAST_PATH", route == "eager")
+    x, w, b, z, rm, rv, dy = make(layout, torch.float32)
+    x0, w0, b0 = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone()
+    y = batch_norm(x0, rm.clone(), rv.clone(), w0, b0.requires_grad_(), training, 0.3, 1e-4,
+                   activation=activation, negative_slope=0.1, residual=z)
+    y.backward(dy)
+    expected = composition(x, w, b, z, rm, rv, dy, training, activation, 0.1, "spatial",
+                           1e-4, 0.3)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), (y, x0.grad, w0.grad, b0.grad),
+                          expected, strict=False):
+        assert_close(a, e, torch.float32, name=name)
+
+
 def test_residual_in_another_memory_format():
     x, w, b, z, rm, rv, dy = make("nhwc")
     z = z.contiguous()
@@ -834,9 +856,10 @@ def test_operators_pass_opcheck(recover):
         checks.append((ops.backward_recover, (dy, y.requires_grad_(), w, b, invstd, True,
                                               "spatial", "leaky_relu", 0.1)))
     else:
-        checks.append((ops.backward_fused, (dy, x, y, w, torch.zeros(2, dtype=x.dtype),
-                                            invstd.detach(), True, "spatial", "leaky_relu",
-                                            0.1, True)))
+        for residual in (False, True):  # with a residual, and with the bias (x route)
+            checks.append((ops.backward_fused, (dy, x, y, w, b, torch.zeros(2, dtype=x.dtype),
+                                                invstd.detach(), True, "spatial",
+                                                "leaky_relu", 0.1, residual)))
     for op, args in checks:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)

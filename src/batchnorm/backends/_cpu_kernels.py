@@ -51,6 +51,15 @@ and with ``x`` None (the memory-saving mode) recovers x's place from y: the per-
 origin and unit of xhat become beta and 1 / gamma instead of mean and invstd,
 ``xhat = (act^-1(y) - beta) / gamma``.
 
+The x route (``xact``, backward of an activation without a residual, given beta): act' is
+taken from pre recomputed from x and the statistics, which is within rounding of the
+forward's pre; y is read only for the pieces (RUN_CHUNK elements of a run, a row) holding
+an element whose recomputed pre is within XROUTE_ULPS units of 0, where rounding could
+flip its sign. The result is the y route's (act' read off y's sign, contract §8), and most
+of y is never read: one stream less out of dy, x and y. A piece is computed by the x route
+while its elements are counted against the margin, and computed again by the y route
+(overwriting it) in the rare case that one is within it.
+
 ``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
 (Not ``y - y``: with reassociation allowed LLVM may rewrite ``acc + (y - y)`` as ``acc``;
@@ -74,9 +83,11 @@ from numba.extending import overload
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 
-# rows of the per-channel parameter array p (x's dtype); INV doubles as the saved invstd
-MU_HI, FOLD, SCALE, SHIFT, K3, INV = 0, 1, 2, 3, 4, 5
-NP = 6
+# rows of the per-channel parameter array p (x's dtype); INV doubles as the saved invstd;
+# backward's x route (see XROUTE_ULPS) keeps the forward's scale and shift, and the bound
+# under which pre recomputed from them may have another sign than the forward's
+MU_HI, FOLD, SCALE, SHIFT, K3, INV, FSC, FSH, TOL = range(9)
+NP = 9
 FOLD_LIMIT = 1.0  # the rows apply folds mu into the shift when all |mu_hi * scale| <= this
 BLOCKS_PER_THREAD = 4  # at least this many cmajor channel blocks per thread (balance)
 TILE = 16  # copy3's tile edge: 16 float32 are one 64-byte cache line
@@ -86,6 +97,13 @@ ROWS_CHUNK = 16  # rows summed in x's dtype before a float64 fold (rows kernels)
 REFINE = 16.0
 WIDE_ROWS = 1024  # channels from which the rows statistics sweep 4 rows at once
 RUN_CHUNK = 256  # cmajor run pieces summed in x's dtype before a float64 fold
+# backward's x route: pre recomputed from x and the saved statistics is within rounding of
+# the forward's, a few units u of x's dtype relative to |(x - mu) * scale| + |shift| +
+# |mu * scale| (the saved invstd and mean are rounded, the forward's shift holds mu's low
+# part, the rows forward may fold mu into its shift). With |(x - mu) * scale| <=
+# |pre| + |shift|, the sign is sure where |pre| > TOL = K u (2 |shift| + |mu * scale|) /
+# (1 - K u), K = XROUTE_ULPS (2^7 units of margin).
+XROUTE_ULPS = 128.0
 # rows of the float64 statistics array st
 MEAN, VAR, INVSTD, BAD = 0, 1, 2, 3
 # rows of the float64 backward constants array q: the origin and unit of xhat, and mu_lo
@@ -106,6 +124,10 @@ def _none(t) -> bool:
 
 def _part(a, i):
     """a[i]: a run or a row of an optional array (None stays None)."""
+
+
+def _run(a, i, j):
+    """a[i, j]: a run of an optional cmajor array (None stays None)."""
 
 
 def _piece(a, i0, i1):
@@ -140,6 +162,11 @@ def _put(dr, b, v):
 @overload(_part)
 def _part_impl(a, i):
     return (lambda a, i: None) if _none(a) else (lambda a, i: a[i])
+
+
+@overload(_run)
+def _run_impl(a, i, j):
+    return (lambda a, i, j: None) if _none(a) else (lambda a, i, j: a[i, j])
 
 
 @overload(_piece)
@@ -191,6 +218,138 @@ def _put_impl(dr, b, v):
         dr[b] = v
     return put
 
+
+# The x route's pieces (see the module notes). Each computes its piece from x in one pass
+# and counts the elements whose recomputed pre lies within the margin of 0; it returns
+# False when there is one (or without an x or an activation: no x route), and the caller
+# then computes the piece again by the y route, overwriting what was written.
+
+
+def _sums_x(gs, xs, slope, mh, sc, sh, tol, zero, one):
+    """(done, sum g, sum g * (x - mh)) of a cmajor piece by the x route."""
+
+
+def _apply_x(gs, xs, dxs, slope, mh, sc, sh, tol, k1, k2, k3, training, zero, one):
+    """dx of a cmajor piece by the x route; whether it was done."""
+
+
+def _rows_sums_x(dy, x, q0, q1, slope, p, t1, t2, zero, one):
+    """t1 += g, t2 += g * (x - mh) over rows [q0, q1) of rows views by the x route;
+    whether it was done (the caller sums the rows again from t1 = t2 = 0 when not)."""
+
+
+def _rows_apply_x(dy, x, dx, q0, q1, slope, p, training, zero, one):
+    """dx of rows [q0, q1) of rows views by the x route; whether it was done."""
+
+
+_XOPTS = dict(jit_options=dict(fastmath=_FAST, error_model="numpy"))
+# (the count of elements within the margin is kept in x's dtype: an integer count stops
+# LLVM vectorizing the loop)
+
+
+@overload(_sums_x, **_XOPTS)
+def _sums_x_impl(gs, xs, slope, mh, sc, sh, tol, zero, one):
+    if _none(xs) or _none(slope):
+        return lambda gs, xs, slope, mh, sc, sh, tol, zero, one: (False, zero, zero)
+
+    def sums(gs, xs, slope, mh, sc, sh, tol, zero, one):
+        u1 = zero
+        u2 = zero
+        amb = zero
+        for b in range(xs.size):
+            d = xs[b] - mh
+            pre = d * sc + sh
+            amb += one if abs(pre) <= tol else zero
+            h = gs[b] if pre > 0 else gs[b] * slope
+            u1 += h
+            u2 += h * d
+        return amb == 0, u1, u2
+    return sums
+
+
+@overload(_apply_x, **_XOPTS)
+def _apply_x_impl(gs, xs, dxs, slope, mh, sc, sh, tol, k1, k2, k3, training, zero, one):
+    if _none(xs) or _none(slope):
+        return (lambda gs, xs, dxs, slope, mh, sc, sh, tol, k1, k2, k3, training, zero,
+                one: False)
+
+    def apply(gs, xs, dxs, slope, mh, sc, sh, tol, k1, k2, k3, training, zero, one):
+        amb = zero
+        if training:
+            for b in range(xs.size):
+                d = xs[b] - mh
+                pre = d * sc + sh
+                amb += one if abs(pre) <= tol else zero
+                h = gs[b] if pre > 0 else gs[b] * slope
+                dxs[b] = k1 * h + k2 * d + k3
+        else:
+            for b in range(xs.size):
+                d = xs[b] - mh
+                pre = d * sc + sh
+                amb += one if abs(pre) <= tol else zero
+                dxs[b] = k1 * (gs[b] if pre > 0 else gs[b] * slope)
+        return amb == 0
+    return apply
+
+
+@overload(_rows_sums_x, **_XOPTS)
+def _rows_sums_x_impl(dy, x, q0, q1, slope, p, t1, t2, zero, one):
+    if _none(x) or _none(slope):
+        return lambda dy, x, q0, q1, slope, p, t1, t2, zero, one: False
+
+    def sums(dy, x, q0, q1, slope, p, t1, t2, zero, one):
+        mh = p[MU_HI]
+        sc = p[FSC]
+        sh = p[FSH]
+        tol = p[TOL]
+        amb = zero
+        for r in range(q0, q1):
+            gr = dy[r]
+            xr = x[r]
+            for c in range(xr.size):
+                d = xr[c] - mh[c]
+                pre = d * sc[c] + sh[c]
+                amb += one if abs(pre) <= tol[c] else zero
+                h = gr[c] if pre > 0 else gr[c] * slope
+                t1[c] += h
+                t2[c] += h * d
+        return amb == 0
+    return sums
+
+
+@overload(_rows_apply_x, **_XOPTS)
+def _rows_apply_x_impl(dy, x, dx, q0, q1, slope, p, training, zero, one):
+    if _none(x) or _none(slope):
+        return lambda dy, x, dx, q0, q1, slope, p, training, zero, one: False
+
+    def apply(dy, x, dx, q0, q1, slope, p, training, zero, one):
+        mh = p[MU_HI]
+        sc = p[FSC]
+        sh = p[FSH]
+        tol = p[TOL]
+        k1 = p[SCALE]
+        k2 = p[SHIFT]
+        k3 = p[K3]
+        amb = zero
+        for r in range(q0, q1):
+            gr = dy[r]
+            xr = x[r]
+            dxr = dx[r]
+            if training:
+                for c in range(xr.size):
+                    d = xr[c] - mh[c]
+                    pre = d * sc[c] + sh[c]
+                    amb += one if abs(pre) <= tol[c] else zero
+                    h = gr[c] if pre > 0 else gr[c] * slope
+                    dxr[c] = k1[c] * h + k2[c] * d + k3[c]
+            else:
+                for c in range(xr.size):
+                    d = xr[c] - mh[c]
+                    pre = d * sc[c] + sh[c]
+                    amb += one if abs(pre) <= tol[c] else zero
+                    dxr[c] = k1[c] * (gr[c] if pre > 0 else gr[c] * slope)
+        return amb == 0
+    return apply
 
 
 @nb.njit(**_OPTS)
@@ -381,7 +540,7 @@ def _block_apply(x, y, p, c0, c1, check, st, z, slope):
             sh = p[SHIFT, c]
             xr = x[a, c]
             yr = y[a, c]
-            zr = _part(_part(z, a), c)
+            zr = _run(z, a, c)
             if check:
                 acc = 0.0
                 for b in range(nb_):
@@ -614,7 +773,7 @@ def affine_cmajor(x, p, y, nt, z, slope):
             sh = p[SHIFT, c]
             xr = x[a, c]
             yr = y[a, c]
-            zr = _part(_part(z, a), c)
+            zr = _run(z, a, c)
             for b in range(nb_):
                 yr[b] = _act(_plus((xr[b] - mh) * sc + sh, zr, b), slope)
             c += 1
@@ -635,7 +794,7 @@ def affine_cmajor(x, p, y, nt, z, slope):
 
 
 @nb.njit(**_OPTS)
-def bwd_origin(mean, invstd, gamma, beta, recover, q, p):
+def _bwd_origin(mean, invstd, gamma, beta, recover, q, p):
     """Each channel's origin and unit of xhat into q (float64) and p[MU_HI] (x's dtype):
     (mean, invstd) from x, or (beta, 1 / gamma) when ``recover`` (x rebuilt from y)."""
     for c in range(q.shape[1]):
@@ -649,6 +808,28 @@ def bwd_origin(mean, invstd, gamma, beta, recover, q, p):
         q[ORG, c] = o
         q[UNIT, c] = s
         q[OLO, c] = o - np.float64(p[MU_HI, c])
+
+
+@nb.njit(**_OPTS)
+def _bwd_setup(dy, x, mean, invstd, gamma, beta, xact=False):
+    """(q, p): the backward constants of every channel, origin and unit set (see above);
+    with ``xact`` (x given, beta given) the x route's constants too."""
+    nc = invstd.size
+    q = np.empty((NQ, nc))
+    p = np.empty((NP, nc), dy.dtype)
+    _bwd_origin(mean, invstd, gamma, beta, x is None, q, p)
+    if xact:
+        # the forward's y = act((x - mu_hi) * scale + shift) with scale = gamma * invstd and
+        # shift = beta - mu_lo * scale; pre from them errs by rounding of its terms
+        ku = XROUTE_ULPS * (2.0**-23 if dy.itemsize == 4 else 2.0**-52)
+        tiny = 1e-30 if dy.itemsize == 4 else 1e-300
+        for c in range(nc):
+            sc = (np.float64(gamma[c]) if gamma.size else 1.0) * np.float64(invstd[c])
+            sh = np.float64(beta[c]) - q[OLO, c] * sc
+            p[FSC, c] = sc
+            p[FSH, c] = sh
+            p[TOL, c] = ku * (2.0 * abs(sh) + abs(q[ORG, c] * sc)) / (1.0 - ku) + tiny
+    return q, p
 
 
 @nb.njit(**_OPTS)
@@ -666,11 +847,12 @@ def _bwd_consts(sd, dg, invstd, gamma, m, training, c, q, p):
 
 
 @nb.njit(**_OPTS)
-def _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2):
+def _block_grad_sums(dy, x, y, slope, xact, p, q, c0, c1, s1, s2):
     """s1 = sum(g), s2 = sum(g * (u - origin)) (float64) of cmajor channels [c0, c1)."""
     na, _, nb_ = dy.shape
     zero = np.zeros(1, dy.dtype)[0]  # not mh - mh: NaN for an infinite mean
-    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    one = np.ones(1, dy.dtype)[0]
+    rs = _unact_slope(x, slope, one)
     # as in the forward: x's dtype within RUN_CHUNK pieces of a run, float64 across; sum
     # g * (u - origin_hi) there and subtract origin_lo * sum g once per piece
     for a in range(na):
@@ -678,129 +860,164 @@ def _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2):
             mh = p[MU_HI, c]
             ml = q[OLO, c]
             grun = dy[a, c]
-            xrun = _part(_part(x, a), c)
-            yrun = _part(_part(y, a), c)
+            xrun = _run(x, a, c)
+            yrun = _run(y, a, c)
             for b0 in range(0, nb_, RUN_CHUNK):
                 # slices, not range(b0, min(...)): that bound stops LLVM vectorizing
                 gs = grun[b0:b0 + RUN_CHUNK]
                 xs = _piece(xrun, b0, b0 + RUN_CHUNK)
-                ys = _piece(yrun, b0, b0 + RUN_CHUNK)
-                u1 = zero
-                u2 = zero
-                for b in range(gs.size):
-                    h = _grad(gs[b], ys, b, slope)
-                    u1 += h
-                    u2 += h * (_u(xs, ys, b, rs) - mh)
+                done = False
+                if xact:
+                    done, u1, u2 = _sums_x(gs, xs, slope, mh, p[FSC, c], p[FSH, c],
+                                           p[TOL, c], zero, one)
+                if not done:
+                    ys = _piece(yrun, b0, b0 + RUN_CHUNK)
+                    u1 = zero
+                    u2 = zero
+                    for b in range(gs.size):
+                        h = _grad(gs[b], ys, b, slope)
+                        u1 += h
+                        u2 += h * (_u(xs, ys, b, rs) - mh)
                 s1[c - c0] += np.float64(u1)
                 s2[c - c0] += np.float64(u2) - ml * np.float64(u1)
 
 
 @nb.njit(**_OPTS)
-def _block_grad_apply(dy, x, y, slope, p, c0, c1, training, dx, dz, a0, a1):
+def _apply_run(gr, xr, yr, dzr, dxr, slope, rs, mh, k1, k2, k3, training):
+    """dx (and dz) of one run or piece by the y route (act' read off y's sign)."""
+    if training:
+        for b in range(gr.size):
+            h = _grad(gr[b], yr, b, slope)
+            _put(dzr, b, h)
+            dxr[b] = k1 * h + k2 * (_u(xr, yr, b, rs) - mh) + k3
+    else:
+        for b in range(gr.size):
+            h = _grad(gr[b], yr, b, slope)
+            _put(dzr, b, h)
+            dxr[b] = k1 * h
+
+
+@nb.njit(**_OPTS)
+def _block_grad_apply(dy, x, y, slope, xact, p, c0, c1, training, dx, dz, a0, a1):
     """dx = k1 * g + k2 * (u - origin_hi) + k3 (training) or k1 * g, and dz = g when dz is
     an array, on cmajor channels [c0, c1) of rows a in [a0, a1)."""
     nb_ = dy.shape[2]
-    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    zero = np.zeros(1, dy.dtype)[0]
+    one = np.ones(1, dy.dtype)[0]
+    rs = _unact_slope(x, slope, one)
     for a in range(a0, a1):
         for c in range(c0, c1):
+            mh = p[MU_HI, c]
             k1 = p[SCALE, c]
+            k2 = p[SHIFT, c]
+            k3 = p[K3, c]
             gr = dy[a, c]
             dxr = dx[a, c]
-            xr = _part(_part(x, a), c)
-            yr = _part(_part(y, a), c)
-            dzr = _part(_part(dz, a), c)
-            if training:
-                mh = p[MU_HI, c]
-                k2 = p[SHIFT, c]
-                k3 = p[K3, c]
-                for b in range(nb_):
-                    h = _grad(gr[b], yr, b, slope)
-                    _put(dzr, b, h)
-                    dxr[b] = k1 * h + k2 * (_u(xr, yr, b, rs) - mh) + k3
-            else:
-                for b in range(nb_):
-                    h = _grad(gr[b], yr, b, slope)
-                    _put(dzr, b, h)
-                    dxr[b] = k1 * h
+            xr = _run(x, a, c)
+            yr = _run(y, a, c)
+            if not xact:
+                _apply_run(gr, xr, yr, _run(dz, a, c), dxr, slope, rs, mh, k1, k2, k3,
+                           training)
+                continue
+            # the x route has no residual, so no dz
+            for b0 in range(0, nb_, RUN_CHUNK):
+                gs = gr[b0:b0 + RUN_CHUNK]
+                xs = _piece(xr, b0, b0 + RUN_CHUNK)
+                dxs = dxr[b0:b0 + RUN_CHUNK]
+                if not _apply_x(gs, xs, dxs, slope, mh, p[FSC, c], p[FSH, c], p[TOL, c],
+                                k1, k2, k3, training, zero, one):
+                    _apply_run(gs, xs, _piece(yr, b0, b0 + RUN_CHUNK), None, dxs, slope, rs,
+                               mh, k1, k2, k3, training)
 
 
-def bwd_cmajor(dy, x, y, slope, invstd, gamma, training, dx, dz, dgb, q, p, nt, block):
+def bwd_cmajor(dy, x, y, slope, xact, mean, invstd, gamma, beta, training, dx, dz, dgb, nt,
+               block):
     """Per block of channels: dbeta = sum g, dgamma = sum g*xhat, then dx (in cache).
 
     dx = gamma*invstd*(g - (dbeta + xhat*dgamma)/M) in training, gamma*invstd*g otherwise,
     with g = dy * act'(pre); dz = g when dz is an array (the residual's gradient).
-    Reads dy and x (u), plus y with an activation; in the memory-saving mode dy and y only.
+    Reads dy and x, plus y with an activation (only near pre = 0 by the x route, ``xact``);
+    in the memory-saving mode dy and y only.
     Args: dy, dx [A, C, B]; x [A, C, B] or None (then u = act^-1(y)); y [A, C, B] or None
-    (no activation and x given); slope None or the activation's slope in x's dtype;
-    invstd [C] and gamma [C] (or empty) any float dtype; dz [A, C, B] or None; dgb [2, C]
-    float64 out (dgamma, dbeta); q, p as filled by :func:`bwd_origin`; nt threads; block:
-    the bytes one block may span.
+    (no activation and x given); slope None or the activation's slope in x's dtype; xact:
+    the x route (an activation, x and beta given, no residual); mean, invstd, gamma, beta
+    [C] float64 (gamma, beta empty for None; beta read without x or with xact); dz
+    [A, C, B] or None; dgb [2, C] out (dgamma, dbeta); nt threads; block: the bytes one
+    block may span.
     """
     na, nc, nb_ = dy.shape
     m = na * nb_
-    nread = 2 if y is None else 3
+    q, p = _bwd_setup(dy, x, mean, invstd, gamma, beta, xact)
+    nread = 2 if y is None or xact else 3
     nblk = _channel_blocks(na, nc, nb_, nread * dy.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
         c1 = (blk + 1) * nc // nblk
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
-        _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2)
+        _block_grad_sums(dy, x, y, slope, xact, p, q, c0, c1, s1, s2)
         for c in range(c0, c1):
             dg = s2[c - c0] * q[UNIT, c]
             dgb[0, c] = dg
             dgb[1, c] = s1[c - c0]
             _bwd_consts(s1[c - c0], dg, invstd, gamma, m, training, c, q, p)
-        _block_grad_apply(dy, x, y, slope, p, c0, c1, training, dx, dz, 0, na)
+        _block_grad_apply(dy, x, y, slope, xact, p, c0, c1, training, dx, dz, 0, na)
 
 
-def grad_sums_cmajor(dy, x, y, slope, sums, q, p, nt, block):
+def grad_sums_cmajor(dy, x, y, slope, mean, invstd, gamma, beta, sums, nt, block):
     """The grad_sums phase on cmajor views: sums[0] = sum g, sums[1] = sum g * xhat
     (float64 [2, C]); arguments as in :func:`bwd_cmajor`."""
     na, nc, nb_ = dy.shape
+    q, p = _bwd_setup(dy, x, mean, invstd, gamma, beta)
     nblk = _channel_blocks(na, nc, nb_, 3 * dy.itemsize, nt, block)
     for blk in prange(nblk):
         c0 = blk * nc // nblk
         c1 = (blk + 1) * nc // nblk
         s1 = np.zeros(c1 - c0)
         s2 = np.zeros(c1 - c0)
-        _block_grad_sums(dy, x, y, slope, p, q, c0, c1, s1, s2)
+        _block_grad_sums(dy, x, y, slope, False, p, q, c0, c1, s1, s2)
         for c in range(c0, c1):
             sums[0, c] = s1[c - c0]
             sums[1, c] = s2[c - c0] * q[UNIT, c]
 
 
-def grad_apply_cmajor(dy, x, y, slope, p, training, dx, dz, nt):
-    """The grad_apply phase on cmajor views, p as filled by :func:`grad_consts`; arguments
-    as in :func:`bwd_cmajor`. Threads take blocks of whole rows a (or of channels when A is
-    smaller than the thread count)."""
+@nb.njit(**_OPTS)
+def _grad_setup(dy, x, mean, invstd, gamma, beta, sums, count, training):
+    """(q, p) of the grad_apply phase: origin, unit and dx's constants from the channel
+    sums (sum g, sum g * xhat) over count values (the global count under SyncBatchNorm)."""
+    q, p = _bwd_setup(dy, x, mean, invstd, gamma, beta)
+    for c in range(invstd.size):
+        _bwd_consts(sums[0, c], sums[1, c], invstd, gamma, count, training, c, q, p)
+    return q, p
+
+
+def grad_apply_cmajor(dy, x, y, slope, mean, invstd, gamma, beta, sums, count, training,
+                      dx, dz, nt):
+    """The grad_apply phase on cmajor views; arguments as in :func:`bwd_cmajor`, sums
+    [2, C] float64 (sum g, sum g * xhat) over count values. Threads take blocks of whole
+    rows a (or of channels when A is smaller than the thread count)."""
     na, nc, _ = dy.shape
+    _, p = _grad_setup(dy, x, mean, invstd, gamma, beta, sums, count, training)
     if na >= nt:
         n = max(1, min(nt, na))
         for t in prange(n):
-            _block_grad_apply(dy, x, y, slope, p, 0, nc, training, dx, dz,
+            _block_grad_apply(dy, x, y, slope, False, p, 0, nc, training, dx, dz,
                               t * na // n, (t + 1) * na // n)
     else:
         n = max(1, min(nt, nc))
         for t in prange(n):
-            _block_grad_apply(dy, x, y, slope, p, t * nc // n, (t + 1) * nc // n, training,
-                              dx, dz, 0, na)
+            _block_grad_apply(dy, x, y, slope, False, p, t * nc // n, (t + 1) * nc // n,
+                              training, dx, dz, 0, na)
 
 
-@nb.njit(**_OPTS)
-def grad_consts(sums, invstd, gamma, count, training, q, p):
-    """dx's constants into p from the channel sums (sum g, sum g * xhat) over count values
-    (the global count under SyncBatchNorm)."""
-    for c in range(q.shape[1]):
-        _bwd_consts(sums[0, c], sums[1, c], invstd, gamma, count, training, c, q, p)
-
-
-def grad_sums_rows(dy, x, y, slope, sums, q, p, nt):
-    """The grad_sums phase on rows views [R, C], a row block a thread; as
-    :func:`grad_sums_cmajor`."""
+def _rows_grad_sums(dy, x, y, slope, xact, sums, q, p, nt):
+    """sums[0] = sum g, sums[1] = sum g * xhat of rows views [R, C], a row block a thread,
+    with q and p set by :func:`_bwd_setup`."""
     nr, nc = dy.shape
     nt = max(1, min(nt, nr))
-    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    zero = np.zeros(1, dy.dtype)[0]
+    one = np.ones(1, dy.dtype)[0]
+    rs = _unact_slope(x, slope, one)
     mh = p[MU_HI]
     ml = q[OLO]
     part = np.zeros((nt, 2, nc))
@@ -817,8 +1034,16 @@ def grad_sums_rows(dy, x, y, slope, sums, q, p, nt):
             q1 = min(q0 + ROWS_CHUNK, r1)
             t1[:] = 0
             t2[:] = 0
-            r = q0
-            if nc >= WIDE_ROWS:  # as in stats_rows: 4 rows a sweep on wide rows
+            if xact:
+                if _rows_sums_x(dy, x, q0, q1, slope, p, t1, t2, zero, one):
+                    r = q1
+                else:  # a value of pre near 0: the chunk again by the y route
+                    t1[:] = 0
+                    t2[:] = 0
+                    r = q0
+            else:
+                r = q0
+            if nc >= WIDE_ROWS and not xact:  # as in stats_rows: 4 rows a sweep
                 while r + 4 <= q1:
                     g0 = dy[r]
                     g1 = dy[r + 1]
@@ -866,13 +1091,15 @@ def grad_sums_rows(dy, x, y, slope, sums, q, p, nt):
         sums[1, c] = sdx * q[UNIT, c]
 
 
-def grad_apply_rows(dy, x, y, slope, p, q, training, dx, dz, nt):
-    """The grad_apply phase on rows views [R, C], a row block a thread; p as filled by
-    :func:`grad_consts`. One constant less when every |origin * unit| <= FOLD_LIMIT, where
-    rounding k3 - k2 * origin costs no more than the k2 term's own rounding."""
+def _rows_grad_apply(dy, x, y, slope, xact, p, q, training, dx, dz, nt):
+    """dx (and dz) of rows views [R, C], a row block a thread, with p holding dx's
+    constants. One constant less when every |origin * unit| <= FOLD_LIMIT, where rounding
+    k3 - k2 * origin costs no more than the k2 term's own rounding."""
     nr, nc = dy.shape
     nt = max(1, min(nt, nr))
-    rs = _unact_slope(x, slope, np.ones(1, dy.dtype)[0])
+    zero = np.zeros(1, dy.dtype)[0]
+    one = np.ones(1, dy.dtype)[0]
+    rs = _unact_slope(x, slope, one)
     k1 = p[SCALE]
     k2 = p[SHIFT]
     k3 = p[K3]
@@ -885,40 +1112,58 @@ def grad_apply_rows(dy, x, y, slope, p, q, training, dx, dz, nt):
     for t in prange(nt):
         r0 = t * nr // nt
         r1 = (t + 1) * nr // nt
-        for r in range(r0, r1):
-            gr = dy[r]
-            dxr = dx[r]
-            xr = _part(x, r)
-            yr = _part(y, r)
-            dzr = _part(dz, r)
-            if training and fold:
-                for c in range(nc):
-                    h = _grad(gr[c], yr, c, slope)
-                    _put(dzr, c, h)
-                    dxr[c] = k1[c] * h + k2[c] * _u(xr, yr, c, rs) + fo[c]
-            elif training:
-                for c in range(nc):
-                    h = _grad(gr[c], yr, c, slope)
-                    _put(dzr, c, h)
-                    dxr[c] = k1[c] * h + k2[c] * (_u(xr, yr, c, rs) - mh[c]) + k3[c]
-            else:
-                for c in range(nc):
-                    h = _grad(gr[c], yr, c, slope)
-                    _put(dzr, c, h)
-                    dxr[c] = k1[c] * h
+        for q0 in range(r0, r1, ROWS_CHUNK):
+            q1 = min(q0 + ROWS_CHUNK, r1)
+            if xact and _rows_apply_x(dy, x, dx, q0, q1, slope, p, training, zero, one):
+                continue
+            for r in range(q0, q1):
+                gr = dy[r]
+                dxr = dx[r]
+                xr = _part(x, r)
+                yr = _part(y, r)
+                dzr = _part(dz, r)
+                if training and fold:
+                    for c in range(nc):
+                        h = _grad(gr[c], yr, c, slope)
+                        _put(dzr, c, h)
+                        dxr[c] = k1[c] * h + k2[c] * _u(xr, yr, c, rs) + fo[c]
+                elif training:
+                    for c in range(nc):
+                        h = _grad(gr[c], yr, c, slope)
+                        _put(dzr, c, h)
+                        dxr[c] = k1[c] * h + k2[c] * (_u(xr, yr, c, rs) - mh[c]) + k3[c]
+                else:
+                    for c in range(nc):
+                        h = _grad(gr[c], yr, c, slope)
+                        _put(dzr, c, h)
+                        dxr[c] = k1[c] * h
 
 
-def bwd_rows(dy, x, y, slope, invstd, gamma, training, dx, dz, dgb, q, p, nt):
-    """Rows version of :func:`bwd_cmajor`: :func:`grad_sums_rows`, the constants, then
-    :func:`grad_apply_rows` on the same row blocks. Args: dy, x, y, dx, dz [R, C]."""
+def grad_sums_rows(dy, x, y, slope, mean, invstd, gamma, beta, sums, nt):
+    """The grad_sums phase on rows views [R, C]; as :func:`grad_sums_cmajor`."""
+    q, p = _bwd_setup(dy, x, mean, invstd, gamma, beta)
+    _rows_grad_sums(dy, x, y, slope, False, sums, q, p, nt)
+
+
+def grad_apply_rows(dy, x, y, slope, mean, invstd, gamma, beta, sums, count, training, dx,
+                    dz, nt):
+    """The grad_apply phase on rows views [R, C]; as :func:`grad_apply_cmajor`."""
+    q, p = _grad_setup(dy, x, mean, invstd, gamma, beta, sums, count, training)
+    _rows_grad_apply(dy, x, y, slope, False, p, q, training, dx, dz, nt)
+
+
+def bwd_rows(dy, x, y, slope, xact, mean, invstd, gamma, beta, training, dx, dz, dgb, nt):
+    """Rows version of :func:`bwd_cmajor`: the sums, the constants, then dx on the same row
+    blocks. Args: dy, x, y, dx, dz [R, C]."""
     nr, nc = dy.shape
+    q, p = _bwd_setup(dy, x, mean, invstd, gamma, beta, xact)
     sums = np.empty((2, nc))
-    grad_sums_rows(dy, x, y, slope, sums, q, p, nt)
+    _rows_grad_sums(dy, x, y, slope, xact, sums, q, p, nt)
     for c in range(nc):
         dgb[0, c] = sums[1, c]
         dgb[1, c] = sums[0, c]
         _bwd_consts(sums[0, c], sums[1, c], invstd, gamma, nr, training, c, q, p)
-    grad_apply_rows(dy, x, y, slope, p, q, training, dx, dz, nt)
+    _rows_grad_apply(dy, x, y, slope, xact, p, q, training, dx, dz, nt)
 
 
 def copy3(src, dst):
@@ -978,16 +1223,14 @@ def _compile(fn, parallel: bool, extra: dict, loops: bool = True):
 
 def _family(parallel: bool) -> types.SimpleNamespace:
     ns = types.SimpleNamespace()
-    for f in (apply_rows, stats_rows, grad_sums_rows, grad_apply_rows, fwd_train_cmajor,
+    for f in (apply_rows, stats_rows, _rows_grad_sums, _rows_grad_apply, fwd_train_cmajor,
               moments_cmajor, affine_cmajor, bwd_cmajor, grad_sums_cmajor, grad_apply_cmajor,
               copy3):
         setattr(ns, f.__name__, _compile(f, parallel, {}))
-    ns.fwd_train_rows = _compile(fwd_train_rows, parallel,
-                                 {"apply_rows": ns.apply_rows, "stats_rows": ns.stats_rows},
-                                 loops=False)
-    ns.bwd_rows = _compile(bwd_rows, parallel, {"grad_sums_rows": ns.grad_sums_rows,
-                                                "grad_apply_rows": ns.grad_apply_rows},
-                           loops=False)
+    rows = {"apply_rows": ns.apply_rows, "stats_rows": ns.stats_rows,
+            "_rows_grad_sums": ns._rows_grad_sums, "_rows_grad_apply": ns._rows_grad_apply}
+    for f in (fwd_train_rows, grad_sums_rows, grad_apply_rows, bwd_rows):
+        setattr(ns, f.__name__, _compile(f, parallel, rows, loops=False))
     return ns
 
 

@@ -206,13 +206,18 @@ class Plan:
 
     def grad(self, dy, x, gamma, mean, invstd, training, dx, *, y=None, beta=None,
              epilogue=None, dz=None):
-        """:func:`backward` into ``dx`` (and ``dz``, the residual's gradient, when given);
-        returns ``(dgamma or None, dbeta)``. ``x`` None: the memory-saving mode."""
+        """:func:`backward` into ``dx``; returns ``(dgamma or None, dbeta)``.
+
+        ``dz`` receives the residual's gradient and is given exactly when the forward had a
+        residual. ``x`` None: the memory-saving mode. With an activation, no residual and
+        ``beta`` given, act' is taken from x (y read only near pre = 0), see
+        :func:`backward`."""
         slope = _slope(epilogue, self.kdt)
+        xact = _x_route(x, slope, beta, dz is not None, self.dtype)
         dg, db = _grad_kernels(self.rows, self.view(dy), self.view(x),
-                               self.view(_y_read(x, y, slope)), slope, mean, invstd, gamma,
-                               beta, training, self.view(dx), self.view(dz), self.nc,
-                               self.kdt, self.sdt, self.size)
+                               self.view(_y_read(x, y, slope)), slope, xact, mean, invstd,
+                               gamma, beta, bool(training), self.view(dx), self.view(dz),
+                               self.nc, self.sdt, self.size)
         if self.multi:
             dg, db = dg.reshape(self.pshape), db.reshape(self.pshape)
         return None if gamma is None else dg, db
@@ -398,27 +403,33 @@ def _y_read(x, y, slope):
     return y if x is None or slope is not None else None
 
 
-def _origin(mean, invstd, gamma, beta, recover, nc, kdt):
-    """The backward constants q (float64) and p (kernels' dtype) with xhat's origin and unit
-    (see ``_cpu_kernels``); the per-channel arrays as float64 (gamma empty for None)."""
-    args = (_f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc), _f64(beta, nc))
-    q = np.empty((K.NQ, nc))
-    p = np.empty((K.NP, nc), dtype=kdt)
-    K.bwd_origin(*args, recover, q, p)
-    return args, q, p
+def _channel_args(x, mean, invstd, gamma, beta, nc, xact=False):
+    """The backward kernels' per-channel arguments: float64 [C] arrays, gamma empty for
+    None; beta read when x is None (xhat recovered from y) or by the x route, mean unless
+    x is None."""
+    recover = x is None
+    return (_EMPTY if recover else _f64(mean, nc), _f64(invstd, nc), _f64(gamma, nc),
+            _f64(beta, nc) if recover or xact else _EMPTY)
 
 
-def _grad_kernels(rows, dy, x, y, slope, mean, invstd, gamma, beta, training, dx, dz, nc,
-                  kdt, sdt, size):
+def _x_route(x, slope, beta, residual, dtype) -> bool:
+    """Whether backward takes act' from x (``_cpu_kernels``' x route): an activation, no
+    residual (pre is then a function of x and the statistics), x and beta given, and y not
+    float16 (rounding a tiny positive pre to float16 may give y = 0)."""
+    return (slope is not None and x is not None and beta is not None and not residual
+            and dtype != np.float16)
+
+
+def _grad_kernels(rows, dy, x, y, slope, xact, mean, invstd, gamma, beta, training, dx, dz,
+                  nc, sdt, size):
     """The fused backward on kernel views; returns (dgamma, dbeta) as [C] in sdt."""
-    (_, inv, g, _), q, p = _origin(mean, invstd, gamma, beta, x is None, nc, kdt)
+    args = _channel_args(x, mean, invstd, gamma, beta, nc, xact)
     dgb = np.empty((2, nc), dtype=sdt)
     fam, nt = _family(size)
     if rows:
-        fam.bwd_rows(dy, x, y, slope, inv, g, bool(training), dx, dz, dgb, q, p, nt)
+        fam.bwd_rows(dy, x, y, slope, xact, *args, training, dx, dz, dgb, nt)
     else:
-        fam.bwd_cmajor(dy, x, y, slope, inv, g, bool(training), dx, dz, dgb, q, p, nt,
-                       BLOCK_BYTES)
+        fam.bwd_cmajor(dy, x, y, slope, xact, *args, training, dx, dz, dgb, nt, BLOCK_BYTES)
     return dgb[0], dgb[1]
 
 
@@ -490,7 +501,11 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     dbeta = sum(g), dgamma = sum(g * xhat), dz = g (the residual's gradient).
 
     What it reads, per element (itemsize bytes each): dy and x without an activation (2);
-    dy, x and y with one (3); dy and y in the memory-saving mode (``x`` None: 2), where
+    dy, x and y with one and a residual (3); dy and x with one, no residual and ``beta``
+    given (2): act' is then taken from pre recomputed from x and the statistics, and y is
+    read only for the pieces (256 elements of a run, a row) holding an element within
+    rounding of pre = 0, where it decides, so the result is y's (contract §8); without
+    ``beta`` y is read (3). In the memory-saving mode (``x`` None) dy and y (2), with
     xhat = (act^-1(y) - beta) / gamma. It writes dx, and dz when ``residual``. Each block
     of channels (cmajor) or rows (rows kernels) is read twice, the second time from cache
     when the block fits.
@@ -519,7 +534,8 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
                          epilogue=epilogue, dz=dz)
         return (dx, dg, db, dz) if residual else (dx, dg, db)
     return _backward(dy, x, gamma, mean, invstd, layout, training=training, out=out, y=yr,
-                     beta=beta, slope=slope, residual=residual, out_dz=out_dz)
+                     beta=beta, slope=slope, residual=residual, out_dz=out_dz,
+                     xact=_x_route(x, slope, beta, residual, dy.dtype))
 
 
 # ---- the phases (protocol.Backend): what SyncBatchNorm runs with a collective between
@@ -587,7 +603,7 @@ def grad_sums(dy, x, mean, invstd, layout: Layout, *, y=None, gamma=None, beta=N
     pl = plan(ref, layout)
     slope = _slope(epilogue, pl.kdt)
     y = _y_read(x, y, slope)
-    _, q, p = _origin(mean, invstd, gamma, beta, x is None, nc, pl.kdt)
+    args = _channel_args(x, mean, invstd, gamma, beta, nc)
     sums = np.empty((2, nc))
     if pl.runs(None, dy, y, x):
         rows, views = pl.rows, [pl.view(a) for a in (dy, x, y)]
@@ -595,9 +611,9 @@ def grad_sums(dy, x, mean, invstd, layout: Layout, *, y=None, gamma=None, beta=N
         rows, views, _ = _general_views(layout, ref, (dy, x, y), ())
     fam, nt = _family(dy.size)
     if rows:
-        fam.grad_sums_rows(*views, slope, sums, q, p, nt)
+        fam.grad_sums_rows(*views, slope, *args, sums, nt)
     else:
-        fam.grad_sums_cmajor(*views, slope, sums, q, p, nt, BLOCK_BYTES)
+        fam.grad_sums_cmajor(*views, slope, *args, sums, nt, BLOCK_BYTES)
     return sums[0].reshape(pshape), sums[1].reshape(pshape)
 
 
@@ -619,9 +635,8 @@ def grad_apply(dy, x, mean, invstd, gamma, sums, layout: Layout, *, count, train
     pl = plan(ref, layout)
     slope = _slope(epilogue, pl.kdt)
     y = _y_read(x, y, slope)
-    (_, inv, g, _), q, p = _origin(mean, invstd, gamma, beta, x is None, nc, pl.kdt)
-    K.grad_consts(np.stack([_f64(s, nc) for s in sums]), inv, g, float(count),
-                  bool(training), q, p)
+    args = _channel_args(x, mean, invstd, gamma, beta, nc)
+    sums = np.stack([_f64(s, nc) for s in sums])
     fam, nt = _family(dy.size)
     if pl.runs(out, dy, y, x) and (not want_dz or pl.runs(out_dz)):
         dx = np.empty_like(dy) if out is None else out
@@ -634,9 +649,11 @@ def grad_apply(dy, x, mean, invstd, gamma, sums, layout: Layout, *, count, train
         views += [None] * (5 - len(views))
     dyv, xv, yv, dxv, dzv = views
     if rows:
-        fam.grad_apply_rows(dyv, xv, yv, slope, p, q, bool(training), dxv, dzv, nt)
+        fam.grad_apply_rows(dyv, xv, yv, slope, *args, sums, float(count), bool(training),
+                            dxv, dzv, nt)
     else:
-        fam.grad_apply_cmajor(dyv, xv, yv, slope, p, bool(training), dxv, dzv, nt)
+        fam.grad_apply_cmajor(dyv, xv, yv, slope, *args, sums, float(count), bool(training),
+                              dxv, dzv, nt)
     if dsts is None:
         return dx, dz
     results = [d.finish() for d in dsts]
@@ -708,7 +725,7 @@ def _forward_training(x, gamma, beta, layout: Layout, *, eps, momentum, running_
 
 
 def _backward(dy, x, gamma, mean, invstd, layout: Layout, *, training, out, y, beta, slope,
-              residual, out_dz):
+              residual, out_dz, xact):
     """:func:`backward` on the general path; ``y`` only when the kernels read it."""
     ref = y if x is None else x
     sdt = stats_dtype(dy.dtype)
@@ -724,8 +741,8 @@ def _backward(dy, x, gamma, mean, invstd, layout: Layout, *, training, out, y, b
     rows, views, dsts = _general_views(layout, ref, (dy, x, y), outs)
     dyv, xv, yv, dxv = views[:4]
     dzv = views[4] if residual else None
-    dg, db = _grad_kernels(rows, dyv, xv, yv, slope, mean, invstd, gamma, beta, training,
-                           dxv, dzv, layout.channels, dyv.dtype, sdt, dyv.size)
+    dg, db = _grad_kernels(rows, dyv, xv, yv, slope, xact, mean, invstd, gamma, beta,
+                           bool(training), dxv, dzv, layout.channels, sdt, dyv.size)
     results = [d.finish() for d in dsts]
     grads = (results[0], None if gamma is None else dg.reshape(pshape), db.reshape(pshape))
     return grads + (results[1],) if residual else grads

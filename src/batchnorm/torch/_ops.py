@@ -615,13 +615,27 @@ def infer_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     return y
 
 
+def _beta_read(pl: Plan, x, bias, epilogue, residual: bool, ref: Tensor):
+    """The shift backward is given: the memory-saving mode recovers xhat with it, and with
+    an activation and no residual in the forward (pre is then a function of x and the
+    statistics) it lets the CPU backend take act' from x, reading y only where x leaves its
+    sign in doubt (zeros without a bias). None otherwise."""
+    if x is None:
+        return bias
+    if epilogue is None or residual:
+        return None
+    if bias is None:
+        return torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
+    return bias
+
+
 def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
-               training: bool, epilogue, want_dz: bool
+               training: bool, epilogue, want_dz: bool, residual: bool | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dweight, dbias, dz) of a fused forward (contract §8), ``dz`` None unless
     ``want_dz``: with g = dy * act'(pre) (read off y's sign), §1's formulas with dy replaced
-    by g, and dz = g.
+    by g, and dz = g. ``residual``: whether the forward added one (``want_dz`` when None).
 
     ``mean`` and ``invstd`` as the forward returned them (NumPy arrays on the direct path).
     ``x`` None is the memory-saving mode: xhat is recovered from ``y`` as
@@ -633,6 +647,7 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     if dy.shape != ref.shape:
         S.check_same_shape("dy", dy, pl.layout)
     yr = y if epilogue is not None or x is None else None  # what backward reads of y
+    beta = _beta_read(pl, x, bias, epilogue, want_dz if residual is None else residual, ref)
     if pl.direct:
         dya = _np(dy)
         if pl.cpu.takes(dya) and (yr is None or yr.stride() == ref.stride()):
@@ -640,7 +655,7 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
             dz = torch.empty_like(ref) if want_dz else None
             dweight, dbias = pl.cpu.grad(
                 dya, _np(x), _np(weight), _np(mean), _np(invstd), bool(training), dx.numpy(),
-                y=_np(yr), beta=_np(bias) if x is None else None, epilogue=epilogue,
+                y=_np(yr), beta=_np(beta), epilogue=epilogue,
                 dz=None if dz is None else dz.numpy())
             if dweight is None:
                 dweight = torch.zeros(pl.layout.param_shape, dtype=pl.sdt, device=ref.device)
@@ -652,8 +667,8 @@ def grad_fused(pl: Plan, dy: Tensor, x: Tensor | None, y: Tensor | None,
     kw: dict = {}
     if yr is not None:
         kw["y"] = host(yr)
-    if x is None:
-        kw["beta"] = host(bias)
+    if beta is not None:
+        kw["beta"] = host(beta)
     if epilogue is not None:
         kw["epilogue"] = epilogue
     if want_dz:
@@ -738,28 +753,31 @@ def _no_dz(x: Tensor) -> Tensor:
 
 @torch.library.custom_op(f"{_NS}::backward_fused", mutates_args=())
 def backward_fused(dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor | None,
-                   mean: Tensor, invstd: Tensor, training: bool, mode: str,
-                   activation: str | None, negative_slope: float, residual: bool
+                   bias: Tensor | None, mean: Tensor, invstd: Tensor, training: bool,
+                   mode: str, activation: str | None, negative_slope: float, residual: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dz) of a fused forward (contract §8); ``dz`` (= g, the residual's
-    gradient) is an empty tensor unless ``residual``.
+    gradient) is an empty tensor unless ``residual`` (the forward added one).
 
     Args:
         dy, x: [N, C, *spatial] upstream gradient and forward input.
         y: the forward's output (its sign gives act'), or None without an activation.
         weight, mean, invstd, training, mode: as in :func:`backward`.
+        bias: the forward's, or None: with it (and no residual) a backend may take act'
+            from x and the statistics, reading y only where they leave its sign in doubt.
         activation, negative_slope: the forward's.
         residual: whether the forward added a residual.
     """
     role = "backward" if training else "backward_inference"
-    pl = plan(x, mode, role, weight, None, mean, invstd)
-    dx, dweight, dbias, dz = grad_fused(pl, dy, x, y, weight, None, mean, invstd, training,
+    pl = plan(x, mode, role, weight, bias, mean, invstd)
+    dx, dweight, dbias, dz = grad_fused(pl, dy, x, y, weight, bias, mean, invstd, training,
                                         _epilogue_of(activation, negative_slope), residual)
     return dx, dweight, dbias, dz if dz is not None else _no_dz(x)
 
 
 @backward_fused.register_fake
-def _(dy, x, y, weight, mean, invstd, training, mode, activation, negative_slope, residual):
+def _(dy, x, y, weight, bias, mean, invstd, training, mode, activation, negative_slope,
+      residual):
     shape, sdt = param_shape(x, mode), stats_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt),
             torch.empty_like(x) if residual else _no_dz(x))

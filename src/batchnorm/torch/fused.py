@@ -145,18 +145,20 @@ def _cast(t: Tensor | None, like: Tensor | None, need: bool):
 
 # ---- backward, shared by both routes
 
-def _fused_grads(pl, gy, x, y, weight, mean, invstd, training: bool, mode: str, epilogue,
-                 want_dz: bool):
-    """(dx, dweight, dbias, dz) of the out-of-place fused forms: directly through the
-    backends, or through the differentiable ``batchnorm::backward_fused`` when a graph of
-    the backward is being built (create_graph) or there is no plan (the operators' route)."""
+def _fused_grads(pl, gy, x, y, weight, bias, mean, invstd, training: bool, mode: str,
+                 epilogue, residual: bool, want_dz: bool):
+    """(dx, dweight, dbias, dz) of the out-of-place fused forms (``residual``: the forward
+    added one; dz None unless ``want_dz``): directly through the backends, or through the
+    differentiable ``batchnorm::backward_fused`` when a graph of the backward is being built
+    (create_graph) or there is no plan (the operators' route)."""
     if pl is None or torch.is_grad_enabled():
         mean, invstd = _ops._tensor(mean, x), _ops._tensor(invstd, x)
-        dx, dw, db, dz = _ops_ns.backward_fused(gy, x, y, weight, mean, invstd, training, mode,
-                                                _name(epilogue), _slope(epilogue), want_dz)
+        dx, dw, db, dz = _ops_ns.backward_fused(gy, x, y, weight, bias, mean, invstd, training,
+                                                mode, _name(epilogue), _slope(epilogue),
+                                                residual)
         return dx, dw, db, dz if want_dz else None
-    return _ops.grad_fused(pl, gy, x, y, weight, None, mean, invstd, training, epilogue,
-                           want_dz)
+    return _ops.grad_fused(pl, gy, x, y, weight, bias, mean, invstd, training, epilogue,
+                           want_dz, residual)
 
 
 def _recover_grads(pl, gy, ginvstd, y, weight, bias, mean, invstd, training: bool, mode: str,
@@ -184,7 +186,7 @@ def _recover_grads(pl, gy, ginvstd, y, weight, bias, mean, invstd, training: boo
 def _setup_training(ctx, inputs, output):
     x, weight, bias, residual, _, _, _, _, mode, _, _, activation, slope, recover = inputs
     _, mean, invstd, new_mean, new_var = output
-    ctx.mode, ctx.recover = mode, recover
+    ctx.mode, ctx.recover, ctx.residual = mode, recover, residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.epilogue = _args.epilogue(activation, slope)
     if recover:  # invstd stays differentiable: see the module notes
@@ -193,8 +195,8 @@ def _setup_training(ctx, inputs, output):
         ctx.save_for_backward(output[0], weight, bias, invstd)
     else:
         ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
-        ctx.save_for_backward(x, output[0] if activation is not None else None, weight, mean,
-                              invstd)
+        ctx.save_for_backward(x, output[0] if activation is not None else None, weight, bias,
+                              mean, invstd)
 
 
 def _backward_training(ctx, gy, _gmean, ginvstd, *_running):
@@ -205,9 +207,9 @@ def _backward_training(ctx, gy, _gmean, ginvstd, *_running):
                                     ctx.mode, ctx.epilogue)
         dz = None
     else:
-        x, y, weight, mean, invstd = ctx.saved_tensors
-        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, mean, invstd, True, ctx.mode,
-                                      ctx.epilogue, need[3])
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, bias, mean, invstd, True,
+                                      ctx.mode, ctx.epilogue, ctx.residual, need[3])
     return (dx if need[0] else None, _cast(dw, weight, need[1]),
             _ops._as(db, ctx.bias_dtype) if need[2] else None,
             dz if need[3] else None) + (None,) * 10
@@ -220,12 +222,14 @@ torch.library.register_autograd("batchnorm::forward_training_fused", _backward_t
 def _setup_inference(ctx, inputs, output):
     x, weight, bias, residual, mean, var, eps, mode, _, activation, slope, recover = inputs
     ctx.mode, ctx.recover, ctx.eps = mode, recover, eps
+    ctx.residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.epilogue = _args.epilogue(activation, slope)
     if recover:
         ctx.save_for_backward(output, weight, bias, mean, var)
     else:
-        ctx.save_for_backward(x, output if activation is not None else None, weight, mean, var)
+        ctx.save_for_backward(x, output if activation is not None else None, weight, bias, mean,
+                              var)
 
 
 def _backward_inference(ctx, gy):
@@ -237,10 +241,10 @@ def _backward_inference(ctx, gy):
                                     ctx.mode, ctx.epilogue)
         dz = None
     else:
-        x, y, weight, mean, var = ctx.saved_tensors
+        x, y, weight, bias, mean, var = ctx.saved_tensors
         mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
-        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, mean, invstd, False, ctx.mode,
-                                      ctx.epilogue, need[3])
+        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, bias, mean, invstd, False,
+                                      ctx.mode, ctx.epilogue, ctx.residual, need[3])
     return (dx if need[0] else None, _cast(dw, weight, need[1]),
             _ops._as(db, ctx.bias_dtype) if need[2] else None,
             dz if need[3] else None) + (None,) * 8
@@ -253,7 +257,7 @@ torch.library.register_autograd("batchnorm::forward_inference_fused", _backward_
 # ---- second order: the gradients of the two backward operators
 
 def _setup_backward_fused(ctx, inputs, output):
-    dy, x, y, weight, mean, invstd, training, mode, activation, slope, residual = inputs
+    dy, x, y, weight, _, mean, invstd, training, mode, activation, slope, residual = inputs
     ctx.training, ctx.mode, ctx.residual = training, mode, residual
     ctx.epilogue = _args.epilogue(activation, slope)
     ctx.save_for_backward(dy, x, y, weight, mean, invstd)
@@ -272,6 +276,7 @@ def _backward_fused_backward(ctx, u, a, c, e):
         gx.to(x.dtype) if need[1] else None,
         None,  # y enters through act' alone, piecewise constant
         gw.to(weight.dtype) if need[3] else None,
+        None,  # bias too (it only helps the backend find act', see backward_fused)
     ) + (None,) * 7
 
 
@@ -338,16 +343,18 @@ class _FusedTraining(torch.autograd.Function):
                                            running_var, momentum, eps, epilogue, False,
                                            batches, check_finite)
         ctx.plan, ctx.epilogue, ctx.stats = pl, epilogue, (mean, invstd)
+        ctx.residual = residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, y if epilogue is not None else None)
+        ctx.save_for_backward(x, weight, bias, y if epilogue is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, y = ctx.saved_tensors
+        x, weight, bias, y = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, *ctx.stats, True,
-                                      ctx.plan.layout.mode, ctx.epilogue, need[3])
+        dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, bias, *ctx.stats, True,
+                                      ctx.plan.layout.mode, ctx.epilogue, ctx.residual,
+                                      need[3])
         return (dx if need[0] else None, _cast(dw, weight, need[1]),
                 _ops._as(db, ctx.bias_dtype) if need[2] else None, dz, None)
 
@@ -361,17 +368,19 @@ class _FusedInference(torch.autograd.Function):
         y = _ops.infer_fused(pl, x, weight, bias, residual, mean, var, eps, epilogue, False,
                              check_finite)
         ctx.plan, ctx.epilogue, ctx.eps = pl, epilogue, eps
+        ctx.residual = residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, weight, y if epilogue is not None else None, mean, var)
+        ctx.save_for_backward(x, weight, bias, y if epilogue is not None else None, mean, var)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, y, mean, var = ctx.saved_tensors
+        x, weight, bias, y, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
         mean, invstd = _inference_stats(mean, var, ctx.eps, ctx.plan.sdt)
-        dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, mean, invstd, False,
-                                      ctx.plan.layout.mode, ctx.epilogue, need[3])
+        dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, bias, mean, invstd, False,
+                                      ctx.plan.layout.mode, ctx.epilogue, ctx.residual,
+                                      need[3])
         return (dx if need[0] else None, _cast(dw, weight, need[1]),
                 _ops._as(db, ctx.bias_dtype) if need[2] else None, dz, None, None, None)
 
