@@ -53,12 +53,15 @@ origin and unit of xhat become beta and 1 / gamma instead of mean and invstd,
 
 The x route (``xact``, backward of an activation without a residual, given beta): act' is
 taken from pre recomputed from x and the statistics, which is within rounding of the
-forward's pre; y is read only for the pieces (RUN_CHUNK elements of a run, a row) holding
-an element whose recomputed pre is within XROUTE_ULPS units of 0, where rounding could
-flip its sign. The result is the y route's (act' read off y's sign, contract §8), and most
-of y is never read: one stream less out of dy, x and y. A piece is computed by the x route
-while its elements are counted against the margin, and computed again by the y route
-(overwriting it) in the rare case that one is within it.
+forward's pre (see XROUTE_ULPS). A piece (RUN_CHUNK elements of a run in the sums pass, a
+whole run in the cmajor apply pass, ROWS_CHUNK rows in the rows kernels) is computed by the
+x route while its elements whose recomputed pre lies within the band of 0 where rounding
+could flip its sign are counted, and computed again off y's sign (overwriting it) in the
+rare case that there is one. The result is the y route's (act' read off y's sign, contract
+§8), and y is read for those pieces alone: one stream less out of dy, x and y (measured:
+the fused backward 1.3-1.7x faster than reading y at batch-8 ResNet sizes, within 10% of
+plain backward; on an L2-resident input it is ~20% slower, its arithmetic costing more
+than a read of y from cache).
 
 ``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
