@@ -503,9 +503,9 @@ def backward(dy, x, gamma, mean, invstd, layout: Layout, *, training=True, out=N
     What it reads, per element (itemsize bytes each): dy and x without an activation (2);
     dy, x and y with one and a residual (3); dy and x with one, no residual and ``beta``
     given (2): act' is then taken from pre recomputed from x and the statistics, and y is
-    read only for the pieces (256 elements of a run, a row) holding an element within
-    rounding of pre = 0, where it decides, so the result is y's (contract §8); without
-    ``beta`` y is read (3). In the memory-saving mode (``x`` None) dy and y (2), with
+    read only for the pieces (up to a run, or 16 rows) holding an element within rounding
+    of pre = 0, where it decides, so the result is y's (contract §8); without ``beta`` y
+    is read (3). In the memory-saving mode (``x`` None) dy and y (2), with
     xhat = (act^-1(y) - beta) / gamma. It writes dx, and dz when ``residual``. Each block
     of channels (cmajor) or rows (rows kernels) is read twice, the second time from cache
     when the block fits.
