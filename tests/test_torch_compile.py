@@ -246,3 +246,23 @@ def test_check_finite_under_a_compiler_runs_the_kernels(monkeypatch):
     x[2, 1, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"channel\(s\) 1$"):
         f(x)
+
+
+def test_compiled_empty_batch_leaves_running_statistics_unchanged():
+    """An empty training batch under a compiler: empty output, running statistics untouched,
+    zero parameter gradients (contract §5), as in eager mode."""
+    torch._dynamo.reset()
+
+    def f(x, w, b, rm, rv):
+        return bnt.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    w, b = torch.rand(3, requires_grad=True), torch.rand(3, requires_grad=True)
+    rm, rv = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+    y = compiled(x, w, b, rm, rv)
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(rv, torch.tensor([4.0, 5.0, 6.0]))
+    gw, gb = torch.autograd.grad(y.sum(), (w, b))
+    assert torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))

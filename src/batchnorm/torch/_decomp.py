@@ -67,6 +67,12 @@ def forward_training(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         S.check_training_count(layout_of(x, mode), x.shape)  # raises torch.nn's error
     sdt = stats_dtype(x.dtype)
     xs = x.to(sdt)
+    if m == 0:  # an empty batch: saved statistics 0, running ones unchanged (contract §5)
+        zeros = xs.new_zeros(tuple(n for a, n in enumerate(x.shape) if a not in dims))
+        y = _normalized(xs, x.dtype, zeros, zeros, weight, bias, bshape)  # empty, in the graph
+        return (y, zeros, zeros.clone(),
+                None if running_mean is None else running_mean.clone(),
+                None if running_var is None else running_var.clone())
     var, mean = torch.var_mean(xs, dim=dims, correction=0)
     invstd = _invstd(var, eps)
     y = _normalized(xs, x.dtype, mean, invstd, weight, bias, bshape)
