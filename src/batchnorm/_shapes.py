@@ -356,11 +356,14 @@ def check_training_count(layout: Layout, size: Any = None) -> None:
     :mod:`batchnorm.torch`, so the message is torch.nn's own); the layout's shape otherwise.
     """
     if layout.count == 1 and math.prod(layout.shape) > 0:
-        _fail(
-            ValueError,
-            "Expected more than 1 value per channel when training, "
-            f"got input size {layout.shape if size is None else size}",
-        )
+        raise too_few_values(layout.shape if size is None else size)
+
+
+def too_few_values(size: Any, detail: str = "") -> ValueError:
+    """The error for one value per channel in training: torch.nn's own message, so callers
+    of every layer (NumPy API, batchnorm.torch, SyncBatchNorm) see the same one."""
+    message = f"Expected more than 1 value per channel when training, got input size {size}"
+    return ValueError(f"{message} ({detail})" if detail else message)
 
 
 def check_same_shape(name: str, arr: np.ndarray, layout: Layout) -> None:

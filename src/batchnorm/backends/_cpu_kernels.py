@@ -36,7 +36,7 @@ the rest, folded into the shift in float64: a large mean costs no output digits,
 pass streams only three per-channel constants. When every channel has ``|mu_hi * scale| <= 1``
 the rows kernels stream two instead, ``y = x * scale + (beta - mu * scale)``: the one
 rounding of that shift is then no larger than the rounding the three-constant form makes
-anyway, and the pass runs 10-20% faster (the constants are vectors there, one load each).
+anyway, and the pass does less work (the constants are vectors there, one load each).
 The per-channel constants of those passes live in ``p`` (rows below, x's dtype).
 
 The epilogue (contract §8) is one description every kernel reads: ``z``, the residual
@@ -58,10 +58,9 @@ whole run in the cmajor apply pass, ROWS_CHUNK rows in the rows kernels) is comp
 x route while its elements whose recomputed pre lies within the band of 0 where rounding
 could flip its sign are counted, and computed again off y's sign (overwriting it) in the
 rare case that there is one. The result is the y route's (act' read off y's sign, contract
-§8), and y is read for those pieces alone: one stream less out of dy, x and y (measured:
-the fused backward 1.3-1.7x faster than reading y at batch-8 ResNet sizes, within 10% of
-plain backward; on an L2-resident input it is ~20% slower, its arithmetic costing more
-than a read of y from cache).
+§8), and y is read for those pieces alone: one stream less out of dy, x and y, which pays
+when the tensors stream from memory; on a cache-resident input the recomputation's
+arithmetic can cost more than the read of y it saves (``batchnorm bench --pair`` shows both).
 
 ``bad`` collects ``sum(y * 0)`` per channel (of the stored y) when asked: 0 for finite
 outputs, NaN as soon as one output is Inf or NaN, so ``check_finite`` needs no extra pass.
@@ -616,8 +615,8 @@ def stats_rows(x, eps, st, p, nt):
                 r = q0
                 if nc >= WIDE_ROWS:
                     # wide rows: 4 rows per sweep quarter the partials' loads and stores,
-                    # which otherwise bound this loop (~2x faster at C >= 1024; slower at
-                    # C <= 256)
+                    # which otherwise bound this loop (a loss on narrow rows: their partials
+                    # fit in registers anyway)
                     while r + 4 <= q1:
                         x0 = x[r]
                         x1 = x[r + 1]

@@ -182,10 +182,7 @@ def tensors(x: Tensor, running_mean, running_var, weight, bias, training: bool,
     else:
         S.resolve_layout(shape, mode, 1)  # raises, listing the valid modes
     if training and count and values == 1:
-        # torch.nn.functional.batch_norm's own message, so callers see the same error
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {shape}"
-        )
+        raise S.too_few_values(shape)
     # The common case in one cheap pass: tensors of the right shape and one dtype, on x's
     # device. Anything else takes the exact checks of _slow_path.
     dtype = None

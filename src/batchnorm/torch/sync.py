@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .. import _shapes as S
 from ..backends.protocol import merge_moments
 from ..reference import inverse_std
 from . import _args, _ops
@@ -186,10 +187,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n, mean, m2 = _global_moments(x, host, backend.moments(xa, layout), group, world)
         # Decided after the collective, from numbers every rank holds: all raise or none does.
         if n == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{x.shape} (1 value per channel over the {world} processes of the group)"
-            )
+            raise S.too_few_values(
+                x.shape, f"1 value per channel over the {world} processes of the group")
         if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
             momentum = 1.0 / max(float(batches), 1.0)
         if n > 0:
