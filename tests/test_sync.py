@@ -292,6 +292,19 @@ def _world_of_three(rank, world):
     assert torch.equal(m.running_var, torch.ones(3, dtype=torch.float64))
     assert torch.equal(m.weight.grad, torch.zeros(3, dtype=torch.float64))
 
+    # check_finite: an Inf on one rank only; every rank raises naming the channel, and the
+    # running statistics stay as they were.
+    m = SyncBatchNorm(3, dtype=torch.float64, check_finite=True)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    if rank == 2:
+        x[1, 2, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match="channel"):
+        m(x)
+    assert torch.equal(m.running_mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(m.running_var, torch.ones(3, dtype=torch.float64))
+    m(torch.randn(2, 3, 4, dtype=torch.float64))  # finite: no error, statistics updated
+    assert not torch.equal(m.running_mean, torch.zeros(3, dtype=torch.float64))
+
     # A subgroup: ranks 0 and 2 synchronize with each other only; rank 1 sits it out.
     group = dist.new_group([0, 2])
     if rank != 1:
@@ -492,6 +505,21 @@ def test_from_batchnorm_keeps_state(cls, track):
     tail = {torch.nn.BatchNorm1d: (), torch.nn.BatchNorm2d: (4, 4), torch.nn.BatchNorm3d: (3, 3, 3)}
     x = torch.randn(3, 5, *tail[cls], dtype=torch.float64)
     _close("eval y", s(x), bn(x), torch.float64)
+
+
+def test_check_finite_is_a_keyword_kept_by_conversion_and_honoured_alone():
+    import batchnorm.torch as bnt
+
+    bn = bnt.BatchNorm2d(3, check_finite=True)
+    sync = SyncBatchNorm.from_batchnorm(bn)
+    assert sync.check_finite and SyncBatchNorm(3, check_finite=True).check_finite
+    assert bnt.convert_model(torch.nn.Sequential(bn), sync=True)[0].check_finite
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="channel"):
+        sync(x)  # no process group: the local path, which checks too
+    with pytest.raises(FloatingPointError, match="channel"):
+        sync_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, check_finite=True)
 
 
 def test_from_batchnorm_keeps_a_fused_layers_activation():

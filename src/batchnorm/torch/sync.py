@@ -168,13 +168,19 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """y = act(weight * xhat + bias + residual) with the group's statistics, on the phases.
 
     Inputs x, weight, bias, residual and one tuple of the rest (running statistics, eps,
-    momentum, batches, group, world size, epilogue). Saves x, weight, and y when there is an
-    activation (its sign gives act'); the float64 statistics are kept beside them.
+    momentum, batches, group, world size, epilogue, check_finite). Saves x, weight, and y
+    when there is an activation (its sign gives act'); the float64 statistics are kept
+    beside them.
+
+    ``check_finite`` costs one read of y and one all-reduce of a [C] mask: every rank then
+    raises alike (one rank raising alone would leave the others waiting in a collective),
+    before the running statistics are touched.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, call):
-        running_mean, running_var, eps, momentum, batches, group, world, epilogue = call
+        (running_mean, running_var, eps, momentum, batches, group, world, epilogue,
+         check_finite) = call
         # validation and the backend choice, once per shape (no count check: a shard may
         # hold one value per channel, or none; the count that matters is the group's)
         pl = _ops.plan(x, "spatial", "inference", weight, bias)
@@ -191,18 +197,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 x.shape, f"1 value per channel over the {world} processes of the group")
         if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
             momentum = 1.0 / max(float(batches), 1.0)
-        if n > 0:
-            invstd = _inverse_std(m2 / n, eps)
-            _update_running(host(running_mean, writeback=True), momentum, mean)
-            _update_running(host(running_var, writeback=True), momentum, m2 / (n - 1))
-        else:  # every shard empty: contract §5, saved stats 0, running stats unchanged
-            invstd = mean * 0
+        # every shard empty: contract §5, saved stats 0, running stats unchanged
+        invstd = _inverse_std(m2 / n, eps) if n > 0 else mean * 0
 
         y = _ops._output_like(x)
         backend.apply(xa, mean, invstd, host(weight), host(bias), layout,
                       out=host(y, writeback=True),
                       **_ops._epilogue_kw(host(residual), epilogue))
         host.finish()
+        if check_finite:
+            _check_finite_group(y, mean, m2, layout, group)
+        if n > 0:
+            stats = _ops._Host(pl)
+            _update_running(stats(running_mean, writeback=True), momentum, mean)
+            _update_running(stats(running_var, writeback=True), momentum, m2 / (n - 1))
+            stats.finish()
         for running in (running_mean, running_var):
             if running is not None:  # written through NumPy: count the write, as torch would
                 torch.autograd.graph.increment_version(running)
@@ -255,6 +264,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 _ops._as(dz, x.dtype) if dz is not None and need[3] else None, None)
 
 
+def _check_finite_group(y: torch.Tensor, mean, m2, layout, group) -> None:
+    """check_finite over the group: the channels whose statistics (the same on every rank)
+    or whose output on any rank are not finite; all ranks raise alike, naming them."""
+    bad = _ops._nonfinite_channels(y, layout)
+    for stat in (mean, m2):
+        bad |= ~torch.isfinite(torch.as_tensor(stat, device=bad.device)).reshape(bad.shape)
+    bad = bad.to(torch.int32)
+    dist.all_reduce(bad, group=group)
+    if bool(bad.any()):
+        S.raise_bad_channels(layout, bad.cpu().numpy() > 0)
+
+
 def sync_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -270,6 +291,7 @@ def sync_batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     residual: torch.Tensor | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Batch norm whose training statistics cover the batch of every process in the group.
 
@@ -295,6 +317,10 @@ def sync_batch_norm(
         activation, negative_slope: None, ``"relu"`` or ``"leaky_relu"`` (slope >= 0).
         residual: None or a tensor of the input's shape, dtype and device, added before the
             activation; its gradient is returned too.
+        check_finite: raise FloatingPointError naming the channels whose statistics or
+            outputs are not finite; in training every rank raises alike (at the cost of one
+            read of y and one all-reduce of a [C] mask), and the running statistics are left
+            unchanged.
     """
     # Checked before any collective, so that a bad argument is an error here, not a hang
     # there. A shard may hold one value per channel: the count that matters is the group's.
@@ -307,10 +333,12 @@ def sync_batch_norm(
     if not training or world == 1 or input.dim() < 2:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                           eps, batches=batches, activation=activation,
-                          negative_slope=negative_slope, residual=residual)
+                          negative_slope=negative_slope, residual=residual,
+                          check_finite=check_finite)
     return _SyncBatchNormFunction.apply(
         input, weight, bias, residual,
-        (running_mean, running_var, eps, momentum, batches, process_group, world, epilogue),
+        (running_mean, running_var, eps, momentum, batches, process_group, world, epilogue,
+         bool(check_finite)),
     )
 
 
@@ -345,9 +373,11 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
         *,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        check_finite: bool = False,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, device=device,
+            dtype=dtype, check_finite=check_finite,
         )
         _args.epilogue(activation, negative_slope)  # refused here, not on the first call
         self.activation, self.negative_slope = activation, float(negative_slope)
@@ -368,6 +398,8 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """y = act(bn(input) + residual) (without an activation and a residual, batch norm);
         ``residual`` has the input's shape, dtype and device."""
+        if residual is not None:  # refused before the batch is counted (contract §3)
+            _args.check_residual(residual, input)
         return self._batch_norm(input, *self._prepare(input), residual=residual,
                                 activation=self.activation, negative_slope=self.negative_slope)
 
@@ -380,7 +412,7 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
                               check_finite=self.check_finite, **fused)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                training, momentum, self.eps, self.process_group,
-                               batches=batches, **fused)
+                               batches=batches, check_finite=self.check_finite, **fused)
 
     @classmethod
     def from_batchnorm(cls, module: torch.nn.modules.batchnorm._BatchNorm, process_group=None):
@@ -415,6 +447,7 @@ class SyncBatchNorm(_Forward, torch.nn.modules.batchnorm._BatchNorm):
             device="meta",
             activation=getattr(module, "activation", None),
             negative_slope=getattr(module, "negative_slope", 0.01),
+            check_finite=getattr(module, "check_finite", False),
         )
         if module.affine:
             new.weight = module.weight
