@@ -453,3 +453,27 @@ def test_cumulative_momentum_runs_on_meta_where_torch_reads_the_count():
     y = m(x)
     assert y.device.type == "meta" and y.shape == x.shape
     assert m.num_batches_tracked.device.type == "meta"
+
+
+@pytest.mark.parametrize("layer", ["act", "act_inplace", "sync"])
+def test_a_refused_fused_module_call_does_not_count_the_batch(layer):
+    """The fused layers' own arguments (a residual, the memory-saving mode) are checked before
+    num_batches_tracked counts the batch: with momentum=None that count is the next step's
+    factor."""
+    from batchnorm.torch.sync import SyncBatchNorm
+
+    m = {"act": lambda: bnt.BatchNormAct2d(3, momentum=None),
+         "act_inplace": lambda: bnt.BatchNormAct2d(3, momentum=None, activation="leaky_relu",
+                                                   inplace=True),
+         "sync": lambda: SyncBatchNorm(3, momentum=None, activation="relu")}[layer]()
+    x = torch.randn(2, 3, 4, 4)
+    if layer == "act_inplace":  # a leaf that requires grad cannot be written in place
+        x.requires_grad_()
+        bad = dict()
+    else:
+        bad = dict(residual=torch.randn(2, 3, 4, 5))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError, TypeError)):
+        m(x, **bad)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k

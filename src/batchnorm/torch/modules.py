@@ -101,6 +101,16 @@ class _ActForward(_Forward):
         self.activation, self.negative_slope = activation, float(negative_slope)
         self.inplace = bool(inplace)
 
+    def _check_fused(self, input: Tensor, residual: Tensor | None) -> None:
+        """The arguments torch.nn's layers do not have, refused before the batch is counted
+        (a refused call changes nothing, contract §3)."""
+        if residual is not None:
+            _args.check_residual(residual, input)
+        if self.inplace:
+            _args.check_inplace(input, _args.epilogue(self.activation, self.negative_slope),
+                                residual, (self.weight, self.bias, self.running_mean,
+                                           self.running_var))
+
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", activation={self.activation!r}"
         if self.activation == "leaky_relu":
@@ -109,6 +119,7 @@ class _ActForward(_Forward):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """y = act(bn(input) + residual); input [N, C, *spatial], residual of its shape."""
+        self._check_fused(input, residual)
         running_mean, running_var, training, momentum, batches = self._prepare(input)
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
                           momentum, self.eps, batches=batches, check_finite=self.check_finite,
