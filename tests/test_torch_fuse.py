@@ -635,3 +635,30 @@ def test_the_fused_model_compiles_whole():
     y1.square().sum().backward()
     y2.square().sum().backward()
     assert_close(x1.grad, x2.grad, torch.float32, name="compiled input gradient")
+
+
+def test_activation_subclasses_and_backward_pre_hooks_are_left():
+    class MyReLU(nn.ReLU):
+        def forward(self, x):  # not what a ReLU computes
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), MyReLU(),
+                          nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    model[4].register_full_backward_pre_hook(lambda *a: None)
+    left = _left(model)
+    assert left == {"4": "it has hooks, which would see the fused layer's output instead "
+                         "of its own"}
+    # the subclass is traced through (its F.relu is fused, its * 2 kept), not taken as a ReLU
+    model.eval()
+    fused = bnt.fuse(model)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_a_checked_sync_batch_norm_fuses_and_keeps_check_finite():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bnt.SyncBatchNorm(3, check_finite=True),
+                          nn.ReLU())
+    fused, report = bnt.fuse(model, report=True)
+    assert len(report.fused) == 1
+    layer = next(m for m in fused.modules() if isinstance(m, bnt.SyncBatchNorm))
+    assert layer.check_finite and layer.activation == "relu"

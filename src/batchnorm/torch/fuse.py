@@ -94,9 +94,10 @@ def _activation(traced: _fx.Traced, node: fx.Node) -> tuple[S.Epilogue | None, s
     """``(epilogue, None)`` when ``node`` is a ReLU or a LeakyReLU the fused layer computes,
     ``(None, why not)`` when it is an activation that it cannot, ``(None, None)`` otherwise."""
     module = traced.module(node)
-    if isinstance(module, nn.ReLU):
+    # the classes themselves: a subclass may compute something else in its forward
+    if type(module) is nn.ReLU:
         return S.Epilogue("relu"), None
-    if isinstance(module, nn.LeakyReLU):
+    if type(module) is nn.LeakyReLU:
         slope = module.negative_slope
     elif node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         return S.Epilogue("relu"), None
@@ -340,7 +341,8 @@ class _Fuser:
             return (f"its class {cls.__module__}.{cls.__qualname__} is not one that fuse "
                     "replaces (torch.nn's or this library's BatchNorm1d/2d/3d, this library's "
                     "SyncBatchNorm): another class may compute something else in forward")
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
             return "it has hooks, which would see the fused layer's output instead of its own"
         return None
 
