@@ -8,6 +8,7 @@ import time: torch and Numba are optional, so every accessor imports what it nee
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 
@@ -50,6 +51,9 @@ def numba_thread_count_reader() -> Callable[[], int] | None:
     return getattr(parallel, "_get_num_threads", None)
 
 
+_LAUNCH_LOCK = threading.Lock()
+
+
 def launch_numba_threads(spin_count: int) -> None:
     """Launch Numba's thread pool. When its threading layer is OpenMP (GNU libgomp, loaded
     as a runtime of its own next to PyTorch's), its idle threads spin ``spin_count``
@@ -61,11 +65,12 @@ def launch_numba_threads(spin_count: int) -> None:
 
     import numba
 
-    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
-        numba.get_num_threads()
-        return
-    os.environ["GOMP_SPINCOUNT"] = str(int(spin_count))
-    try:
-        numba.get_num_threads()  # launches the pool, loading the threading layer
-    finally:
-        del os.environ["GOMP_SPINCOUNT"]
+    with _LAUNCH_LOCK:  # two threads' first calls must not both set and remove the variable
+        if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+            numba.get_num_threads()
+            return
+        os.environ["GOMP_SPINCOUNT"] = str(int(spin_count))
+        try:
+            numba.get_num_threads()  # launches the pool, loading the threading layer
+        finally:
+            os.environ.pop("GOMP_SPINCOUNT", None)

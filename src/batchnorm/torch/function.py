@@ -23,8 +23,9 @@ functional copies of the running statistics cost more than the kernels on small 
 eager mode needs none of them: running statistics are updated in place, and the backward calls
 the backward implementation directly unless a graph of it is being built (double backward),
 when it goes through the differentiable ``batchnorm::backward`` op. Both routes look up the
-call's plan (:func:`batchnorm.torch._ops.plan`): validation and every choice that depends only
-on the tensors' metadata are made on a layer's first call.
+call's plan (:func:`batchnorm.torch._ops.plan`): the layout, views and every choice that
+depends only on the tensors' metadata are made on the first call with that metadata and
+cached; the argument checks torch makes (``_args.check``) run on every call, as torch's do.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if input.dim() == 1:  # an empty rank-1 input (the only one check lets through)
         return input.clone()
     if _eager(input):
-        # validation and every choice that depends only on the tensors' metadata: once
+        # the layout, views and kernel choice for this metadata: computed once, then cached
         if training:
             pl = _ops.plan(input, mode, "training", weight, bias, running_mean, running_var)
             call = (pl, running_mean, running_var, momentum, eps, batches, check_finite)
