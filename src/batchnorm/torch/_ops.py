@@ -272,6 +272,12 @@ def _raise_if_bad(bad, layout: S.Layout, restore) -> None:
         S.raise_bad_channels(layout, bad)
 
 
+def running_momentum(momentum: float, batches: Tensor | None) -> float:
+    """The running-average factor: ``momentum``, or ``1 / batches`` (at least 1) when the
+    count of batches seen is given (torch.nn's ``momentum=None``, a cumulative average)."""
+    return momentum if batches is None else 1.0 / max(float(batches), 1.0)
+
+
 def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
           running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
           eps: float, batches: Tensor | None = None, check_finite: bool = False):
@@ -281,8 +287,7 @@ def train(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     for its backward as they are) and tensors otherwise; :func:`training_impl` returns
     tensors.
     """
-    if batches is not None:
-        momentum = 1.0 / max(float(batches), 1.0)
+    momentum = running_momentum(momentum, batches)
     # eps and momentum were checked by batch_norm (torch's rules: any real momentum)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
@@ -547,8 +552,7 @@ def train_fused(pl: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     ``check_finite`` y is computed into a fresh tensor first and copied over x once it is
     known to be finite, so that a call that raises leaves x as it was (contract §3).
     """
-    if batches is not None:
-        momentum = 1.0 / max(float(batches), 1.0)
+    momentum = running_momentum(momentum, batches)
     restore = [(t, t.detach().clone()) for t in (running_mean, running_var)
                if t is not None] if check_finite else ()
     over_x = inplace and not check_finite

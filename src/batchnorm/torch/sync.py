@@ -195,8 +195,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if n == 1:
             raise S.too_few_values(
                 x.shape, f"1 value per channel over the {world} processes of the group")
-        if batches is not None:  # momentum=None: the cumulative average, 1 / batches seen
-            momentum = 1.0 / max(float(batches), 1.0)
+        momentum = _ops.running_momentum(momentum, batches)
         # every shard empty: contract §5, saved stats 0, running stats unchanged
         invstd = _inverse_std(m2 / n, eps) if n > 0 else mean * 0
 
