@@ -54,7 +54,7 @@ from torch import Tensor
 from .. import _compat
 from .._shapes import GAMMA_MIN
 from . import _args, _ops
-from .function import _eager, _inference_stats, _requires_grad, second_order
+from .function import _eager, _grads, _inference_stats, _requires_grad, second_order
 
 _ops_ns = torch.ops.batchnorm
 
@@ -199,20 +199,27 @@ def _setup_training(ctx, inputs, output):
                               mean, invstd)
 
 
-def _backward_training(ctx, gy, _gmean, ginvstd, *_running):
+def _operator_grads(ctx, gy, ginvstd, x, y, weight, bias, mean, invstd, training: bool):
+    """(dx, dweight, dbias, dz) of a fused operator, each None unless its input needs it;
+    ``x`` None in the memory-saving mode (``ctx.recover``)."""
     need = ctx.needs_input_grad
     if ctx.recover:
-        y, weight, bias, invstd = ctx.saved_tensors
-        dx, dw, db = _recover_grads(None, gy, ginvstd, y, weight, bias, None, invstd, True,
-                                    ctx.mode, ctx.epilogue)
+        dx, dw, db = _recover_grads(None, gy, ginvstd, y, weight, bias, mean, invstd,
+                                    training, ctx.mode, ctx.epilogue)
         dz = None
     else:
-        x, y, weight, bias, mean, invstd = ctx.saved_tensors
-        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, bias, mean, invstd, True,
+        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, bias, mean, invstd, training,
                                       ctx.mode, ctx.epilogue, ctx.residual, need[3])
-    return (dx if need[0] else None, _cast(dw, weight, need[1]),
-            _ops._as(db, ctx.bias_dtype) if need[2] else None,
-            dz if need[3] else None) + (None,) * 10
+    return (*_grads(ctx, weight, dx, dw, db), dz if need[3] else None)
+
+
+def _backward_training(ctx, gy, _gmean, ginvstd, *_running):
+    if ctx.recover:
+        (y, weight, bias, invstd), x, mean = ctx.saved_tensors, None, None
+    else:
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
+    return _operator_grads(ctx, gy, ginvstd, x, y, weight, bias, mean, invstd,
+                           True) + (None,) * 10
 
 
 torch.library.register_autograd("batchnorm::forward_training_fused", _backward_training,
@@ -233,21 +240,14 @@ def _setup_inference(ctx, inputs, output):
 
 
 def _backward_inference(ctx, gy):
-    need = ctx.needs_input_grad
     if ctx.recover:
-        y, weight, bias, mean, var = ctx.saved_tensors
-        mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(y.dtype))
-        dx, dw, db = _recover_grads(None, gy, None, y, weight, bias, mean, invstd, False,
-                                    ctx.mode, ctx.epilogue)
-        dz = None
+        (y, weight, bias, mean, var), x = ctx.saved_tensors, None
     else:
         x, y, weight, bias, mean, var = ctx.saved_tensors
-        mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(x.dtype))
-        dx, dw, db, dz = _fused_grads(None, gy, x, y, weight, bias, mean, invstd, False,
-                                      ctx.mode, ctx.epilogue, ctx.residual, need[3])
-    return (dx if need[0] else None, _cast(dw, weight, need[1]),
-            _ops._as(db, ctx.bias_dtype) if need[2] else None,
-            dz if need[3] else None) + (None,) * 8
+    dtype = (y if x is None else x).dtype
+    mean, invstd = _inference_stats(mean, var, ctx.eps, _ops.stats_dtype(dtype))
+    return _operator_grads(ctx, gy, None, x, y, weight, bias, mean, invstd,
+                           False) + (None,) * 8
 
 
 torch.library.register_autograd("batchnorm::forward_inference_fused", _backward_inference,
@@ -355,8 +355,7 @@ class _FusedTraining(torch.autograd.Function):
         dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, bias, *ctx.stats, True,
                                       ctx.plan.layout.mode, ctx.epilogue, ctx.residual,
                                       need[3])
-        return (dx if need[0] else None, _cast(dw, weight, need[1]),
-                _ops._as(db, ctx.bias_dtype) if need[2] else None, dz, None)
+        return (*_grads(ctx, weight, dx, dw, db), dz, None)
 
 
 class _FusedInference(torch.autograd.Function):
@@ -381,8 +380,7 @@ class _FusedInference(torch.autograd.Function):
         dx, dw, db, dz = _fused_grads(ctx.plan, gy, x, y, weight, bias, mean, invstd, False,
                                       ctx.plan.layout.mode, ctx.epilogue, ctx.residual,
                                       need[3])
-        return (dx if need[0] else None, _cast(dw, weight, need[1]),
-                _ops._as(db, ctx.bias_dtype) if need[2] else None, dz, None, None, None)
+        return (*_grads(ctx, weight, dx, dw, db), dz, None, None, None)
 
 
 class _RecoverStatistics(torch.autograd.Function):
@@ -465,18 +463,17 @@ class _RecoverInference(torch.autograd.Function):
                              check_finite)
         ctx.mark_dirty(x)
         ctx.plan, ctx.epilogue, ctx.eps = pl, epilogue, eps
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(y, weight, bias, mean, var)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         y, weight, bias, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad
         mean, invstd = _inference_stats(mean, var, ctx.eps, ctx.plan.sdt)
         dx, dw, db = _recover_grads(ctx.plan, gy, None, y, weight, bias, mean, invstd, False,
                                     ctx.plan.layout.mode, ctx.epilogue)
-        return (dx if need[0] else None, _cast(dw, weight, need[1]),
-                _cast(db, bias, need[2]), None, None, None)
+        return (*_grads(ctx, weight, dx, dw, db), None, None, None)
 
 
 _apply_training = _compat.direct_apply(_FusedTraining)
