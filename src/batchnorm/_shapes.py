@@ -414,6 +414,21 @@ def _same_view(out: Any, x: np.ndarray) -> bool:
             and out.__array_interface__["data"][0] == x.__array_interface__["data"][0])
 
 
+def inplace_refusal(epilogue: Epilogue | None, residual: bool, asked: str) -> str | None:
+    """Why the memory-saving mode (contract §8) cannot run, or None: it needs an invertible
+    activation (none, or leaky_relu with a slope > 0) and no residual, since backward
+    recovers xhat from y alone. ``asked`` names how the caller asked for the mode."""
+    if epilogue is not None and not epilogue.invertible:
+        return (f"{asked} (y written over the input) needs an invertible activation (None, "
+                f"or leaky_relu with a negative_slope > 0), got {epilogue.activation!r} with "
+                f"slope {epilogue.negative_slope}: backward recovers the normalized input "
+                "from y")
+    if residual:
+        return (f"{asked} (y written over the input) is not supported with a residual: "
+                "xhat could not be recovered from y alone")
+    return None
+
+
 def check_epilogue_args(x: np.ndarray, gamma: np.ndarray | None, out: Any, layout: Layout,
                         activation: Any, negative_slope: Any, residual: Any
                         ) -> tuple[Epilogue | None, np.ndarray | None, bool]:
@@ -429,12 +444,9 @@ def check_epilogue_args(x: np.ndarray, gamma: np.ndarray | None, out: Any, layou
         check_same_dtype("residual", residual, x)
     inplace = _same_view(out, x)
     if inplace:
-        if epilogue is not None and not epilogue.invertible:
-            _fail(ValueError, f"`out=x` (y written over x) needs an invertible activation "
-                              f"(none, or leaky_relu with a slope > 0), got {epilogue}")
-        if residual is not None:
-            _fail(ValueError, "`out=x` (y written over x) is not supported with a residual: "
-                              "xhat could not be recovered from y alone")
+        why = inplace_refusal(epilogue, residual is not None, "`out=x`")
+        if why is not None:
+            _fail(ValueError, why)
         if gamma is not None and not (np.abs(gamma) >= GAMMA_MIN).all():
             _fail(ValueError, f"`out=x` (y written over x) needs every |gamma| >= {GAMMA_MIN} "
                               "to recover xhat from y")

@@ -298,16 +298,11 @@ def _overlaps_itself(t: Tensor) -> bool:
 
 
 def check_inplace_mode(act: S.Epilogue | None, residual: bool) -> None:
-    """The memory-saving mode needs an invertible activation (none, or leaky_relu with a
-    slope > 0) and no residual: backward recovers xhat from y alone."""
-    if residual:
-        raise ArgumentError("inplace=True (y written over the input) is not supported with a "
-                            "residual: xhat could not be recovered from y alone")
-    if act is not None and not act.invertible:
-        raise ArgumentError(
-            f"inplace=True (y written over the input) needs an invertible activation (None, "
-            f"or leaky_relu with a negative_slope > 0), got {act.activation!r} with slope "
-            f"{act.negative_slope}: backward recovers the normalized input from y")
+    """The memory-saving mode's conditions (:func:`batchnorm._shapes.inplace_refusal`),
+    raised as this module's error."""
+    why = S.inplace_refusal(act, residual, "inplace=True")
+    if why is not None:
+        raise ArgumentError(why)
 
 
 def check_inplace(x: Tensor, act: S.Epilogue | None, residual, others) -> None:
