@@ -32,7 +32,6 @@ through Triton's interpreter (tiny shapes), which is how the test suite exercise
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run from a checkout: the package next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from batchnorm.cli import _measure as M  # noqa: E402
 from batchnorm.cli._console import console  # noqa: E402
 from batchnorm.cli.networks import resnet50_shapes  # noqa: E402
 
@@ -51,8 +51,6 @@ EPS, MOMENTUM = 1e-5, 0.1
 DTYPES = ("float16", "float32", "bfloat16")  # priority order: the targets' dtypes first
 LAYOUTS = ("nchw", "nhwc")
 BATCHES = (32, 256)
-PASSES = ("forward", "backward", "inference")
-PROVIDERS = ("ours", "torch", "copy")
 # Largest relative error (to the reference's largest magnitude) the check accepts for y and
 # dx, by input dtype: a few units in the last place of the output dtype. Statistics are
 # float32 for every input dtype; dgamma / dbeta are sums over the channel.
@@ -440,11 +438,8 @@ def target_misses(rows) -> list[str]:
 
 
 def write_csv(rows, path: Path, extra: dict) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*rows[0], *extra])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **extra})
+    """``rows``, each with the columns of ``extra`` added, as CSV."""
+    M.write_csv(str(path), [{**r, **extra} for r in rows])
 
 
 def main(argv=None) -> int:

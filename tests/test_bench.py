@@ -396,19 +396,16 @@ def test_train_fused_times_the_same_chains_in_both_models(capsys, tmp_path):
 def test_sync_rows_take_the_collectives_out_of_the_ratio():
     from batchnorm.cli import bench_sync
 
-    class Args:
-        pass
-
     times = {"sync": [0.011, 0.0112, 0.0108], "local": [0.004, 0.004, 0.004],
              "torch": [0.005, 0.005, 0.005], "collectives": [0.006, 0.006, 0.006]}
     results = [dict(shape=[8, 64, 8, 8], count=3, layout="nchw", times=times)]
-    rows = bench_sync._rows(results, 2, 1, Args)
+    rows = bench_sync._rows(results, 2, 1)
     assert [r["shape"] for r in rows] == ["8x64x8x8", "total"]
     assert rows[0]["beyond_collectives_ratio"] == pytest.approx(1.25)
     assert rows[0]["sync_over_torch"] == pytest.approx(2.2)
     assert rows[1]["sync_ms"] == pytest.approx(3 * 11.0) and rows[0]["status"] == "ok"
     times["collectives"] = [0.02, 0.006, 0.006]  # a collective slower than the whole call
-    rows = bench_sync._rows(results, 2, 1, Args)
+    rows = bench_sync._rows(results, 2, 1)
     assert rows[0]["status"] == "invalid" and rows[1]["status"] == "invalid"
 
 

@@ -12,7 +12,6 @@ or more on a small CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 
 from . import _measure as M
 from ._console import console, progress_bar, table
@@ -31,8 +30,7 @@ def run(args) -> int:
     """Compile both models, step all four interleaved, print the step times and ratios."""
     import torch
 
-    from ..torch import convert_model
-    from .bench_train import _stepper
+    from .bench_train import _models, _stepper
     from .networks import build_net
 
     batch, image = args.batch or 32, args.image or 32
@@ -51,10 +49,8 @@ def run(args) -> int:
         fmt = torch.channels_last if lay == "nhwc" else torch.contiguous_format
         x = x0.to(memory_format=fmt)
         for kind in ("compiled", "eager"):
-            for name in ("torch.nn", "batchnorm.torch"):
-                model = copy.deepcopy(base).to(memory_format=fmt)
-                if name == "batchnorm.torch":
-                    model = convert_model(model)
+            for name, model in _models(base, fused=False).items():
+                model = model.to(memory_format=fmt)
                 if kind == "compiled":
                     model = torch.compile(model, backend=args.compile_backend)
                 steps[name, kind, lay] = M.timed(_stepper(model, x, target))

@@ -154,7 +154,7 @@ def run(args) -> int:
                            start_method="spawn")
         with open(config["out"]) as fh:
             results = json.load(fh)
-    rows = _rows(results, world, threads, args)
+    rows = _rows(results, world, threads)
     _print(rows, world, threads, batch, image)
     if args.csv:
         M.write_csv(args.csv, rows)
@@ -162,7 +162,7 @@ def run(args) -> int:
     return 0
 
 
-def _rows(results: list[dict], world: int, threads: int, args) -> list[dict]:
+def _rows(results: list[dict], world: int, threads: int) -> list[dict]:
     """One row per case, plus a network total per layout (the per-shape medians weighted by
     how many layers have that shape)."""
     resolution = M.timer_resolution()

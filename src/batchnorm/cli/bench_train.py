@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 
 from . import _measure as M
@@ -37,6 +38,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "same operations in torch.nn's model")
 
 
+@functools.cache  # one class: timed_modules recognizes its instances
 def _unfused_class():
     import torch.nn.functional as F
     from torch import nn
@@ -64,8 +66,7 @@ def _unfused_class():
 def timed_modules(model) -> list:
     """What the hooks bracket: each chain's module (fused or :class:`Unfused`) and each batch
     norm outside a chain."""
-    unfused = _unfused_class()
-    chains = [m for m in model.modules() if type(m).__name__ == unfused.__name__]
+    chains = [m for m in model.modules() if isinstance(m, _unfused_class())]
     inside = {id(m.bn) for m in chains}
     return chains + [m for m in M.bn_modules(model) if id(m) not in inside]
 

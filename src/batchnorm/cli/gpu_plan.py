@@ -22,9 +22,9 @@ pass, and at least :data:`TARGET_WAVES` programs per SM for every layer over
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import defaultdict
 
+from . import _measure as M
 from ._console import console, table
 from .networks import RESNET50_EPILOGUES, resnet50_shapes
 
@@ -234,9 +234,6 @@ def run(args) -> int:
     rows = plan_rows(batches, num_sms=args.gpu_sms)
     report(rows)
     if getattr(args, "csv", None):
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        M.write_csv(args.csv, rows)
         console(f"wrote {len(rows)} rows to {args.csv}")
     return 0
