@@ -26,11 +26,6 @@ class SavedStats(NamedTuple):
     invstd: np.ndarray
 
 
-def _fused(**kw):
-    """The epilogue's keyword arguments, or none at all for plain batch norm."""
-    return {k: v for k, v in kw.items() if v is not None and v is not False}
-
-
 def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_axis=None,
                      running_mean=None, running_var=None, momentum=0.1, check_finite=False,
                      out=None, backend="auto", axis=None, activation=None, negative_slope=0.01,
@@ -82,7 +77,7 @@ def forward_training(x, gamma=None, beta=None, *, eps=1e-5, mode=None, channel_a
     out = S.check_out(out, x, gamma, beta, running_mean, running_var, residual,
                       inplace=inplace)
     S.check_running_aliases(running_mean, running_var, x, gamma, beta, residual)
-    fused = _fused(residual=residual, epilogue=epilogue)
+    fused = dict(residual=residual, epilogue=epilogue)
     impl = select(backend, x)
     if not check_finite:
         y, mean, invstd, _ = impl.forward_training(
@@ -136,7 +131,7 @@ def forward_inference(x, gamma, beta, mean, var, *, eps=1e-5, mode=None, channel
     out = S.check_out(out, x, gamma, beta, mean, var, residual, inplace=inplace)
     impl = select(backend, x)
     return impl.forward_inference(x, gamma, beta, mean, var, layout, eps=eps, out=out,
-                                  **_fused(residual=residual, epilogue=epilogue))
+                                  residual=residual, epilogue=epilogue)
 
 
 def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
@@ -187,4 +182,4 @@ def backward(dy, x, gamma, saved, *, mode=None, channel_axis=None, out=None,
     out = S.check_out(out, dy, x, y, gamma, beta, mean, invstd)
     impl = select(backend, dy)
     return impl.backward(dy, x, gamma, mean, invstd, layout, training=training, out=out,
-                         **_fused(y=y, beta=beta, epilogue=epilogue, residual=bool(residual)))
+                         y=y, beta=beta, epilogue=epilogue, residual=bool(residual))

@@ -111,6 +111,11 @@ class Epilogue:
         """Whether the input can be recovered from the output (the memory-saving mode)."""
         return self.activation == "leaky_relu" and self.negative_slope > 0
 
+    @property
+    def slope(self) -> float:
+        """The factor of negative inputs: relu is leaky_relu with slope 0."""
+        return 0.0 if self.activation == "relu" else self.negative_slope
+
 
 def check_epilogue(activation: Any, negative_slope: Any = 0.01) -> Epilogue | None:
     """Validate ``activation`` / ``negative_slope``; None for no activation."""

@@ -57,25 +57,23 @@ def _write(result: np.ndarray, out: np.ndarray | None, dtype) -> np.ndarray:
 
 def activate(pre: np.ndarray, epilogue: Epilogue | None) -> np.ndarray:
     """act(pre): the identity, relu, or leaky_relu with slope ``a`` (a >= 0)."""
-    if epilogue is None or epilogue.activation is None:
+    if epilogue is None:
         return pre
-    slope = 0.0 if epilogue.activation == "relu" else epilogue.negative_slope
-    return np.where(pre > 0, pre, slope * pre)
+    return np.where(pre > 0, pre, epilogue.slope * pre)
 
 
 def activation_grad(y: np.ndarray, epilogue: Epilogue | None) -> np.ndarray | float:
     """act'(pre), read off the output y = act(pre): with a slope a >= 0, y > 0 exactly where
     pre > 0. At pre = 0 the derivative is taken as the slope, as torch's relu and leaky_relu
     take it."""
-    if epilogue is None or epilogue.activation is None:
+    if epilogue is None:
         return 1.0
-    slope = 0.0 if epilogue.activation == "relu" else epilogue.negative_slope
-    return np.where(y > 0, 1.0, slope)
+    return np.where(y > 0, 1.0, epilogue.slope)
 
 
 def deactivate(y: np.ndarray, epilogue: Epilogue | None) -> np.ndarray:
     """pre from y = act(pre), for the invertible activations (identity, leaky_relu, a > 0)."""
-    if epilogue is None or epilogue.activation is None:
+    if epilogue is None:
         return y
     return np.where(y > 0, y, y / epilogue.negative_slope)
 

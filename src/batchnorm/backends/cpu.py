@@ -109,9 +109,7 @@ def _address(a: np.ndarray) -> int:
 def _slope(epilogue, kdt: np.dtype):
     """The kernels' activation argument: None for none, else the slope in their dtype (0 for
     relu), negative inputs being multiplied by it (contract §8)."""
-    if epilogue is None or epilogue.activation is None:
-        return None
-    return kdt.type(0.0 if epilogue.activation == "relu" else epilogue.negative_slope)
+    return None if epilogue is None else kdt.type(epilogue.slope)
 
 
 class Plan:
@@ -552,10 +550,7 @@ def moments(x, layout: Layout):
     if pl.direct:
         rows, xv = pl.rows, pl.view(x)
     else:
-        x3 = _compute_view(x, layout)
-        xv = _rows(x3)
-        rows = xv is not None
-        xv = xv if rows else x3
+        rows, (xv,), _ = _general_views(layout, x, (x,), ())
     st = np.empty((4, nc))
     p = np.empty((K.NP, nc), dtype=xv.dtype)
     p[K.SCALE] = 1.0

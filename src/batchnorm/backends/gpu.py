@@ -48,6 +48,7 @@ backend for CPU data.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -281,13 +282,6 @@ class Launch:
     bytes_read: int
     bytes_written: int
 
-    @property
-    def programs(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n
-
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -355,11 +349,11 @@ class LaunchPlan:
 
     @property
     def finalize_grid(self) -> tuple[int]:
-        return (triton.cdiv(self.dims[1], self.finalize_block_c),)
+        return _finalize_grid(self.dims[1])
 
     @property
     def finalize_block_c(self) -> int:
-        return min(triton.next_power_of_2(self.dims[1]), FINALIZE_BLOCK_C)
+        return _finalize_block_c(self.dims[1])
 
     @property
     def finalize_block_s(self) -> int:
@@ -394,10 +388,7 @@ class LaunchPlan:
     @property
     def programs_per_sm(self) -> float:
         """Programs of the streaming kernels per streaming multiprocessor (waves)."""
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n / self.num_sms
+        return math.prod(self.grid) / self.num_sms
 
 
 def _tuning() -> tuple:
@@ -474,7 +465,7 @@ def _plan_geometry(pass_, streams, dims3, strides3, misaligned, itemsize, num_sm
         tpp = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tpp)
         grid, S = (n_c, splits), splits
-        fgrid = (triton.cdiv(C, min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)),)
+        fgrid = _finalize_grid(C)
         if pass_ in ("forward", "moments"):
             # x -> (count, mean, sqrt(M2)) partials
             launches.append(Launch("fwd_partial_kernel", "moments", grid, X, 3 * S * vec))
@@ -518,11 +509,21 @@ def _plan_geometry(pass_, streams, dims3, strides3, misaligned, itemsize, num_sm
                       num_sms=num_sms, launches=tuple(launches))
 
 
+def _finalize_block_c(C: int) -> int:
+    """Channels per program of the finalize kernels."""
+    return min(triton.next_power_of_2(C), FINALIZE_BLOCK_C)
+
+
+def _finalize_grid(C: int) -> tuple[int]:
+    """The finalize kernels' grid: one program per block of channels."""
+    return (triton.cdiv(C, _finalize_block_c(C)),)
+
+
 def _activation(epilogue) -> tuple[bool, float]:
     """``(HAS_ACT, slope)`` of an epilogue (contract §8): relu is leaky_relu with slope 0."""
-    if epilogue is None or epilogue.activation is None:
+    if epilogue is None:
         return False, 0.0
-    return True, 0.0 if epilogue.activation == "relu" else float(epilogue.negative_slope)
+    return True, float(epilogue.slope)
 
 
 def _prepare(pass_, layout, *, x=None, z=None, dy=None, y=None, act=False, out=None,
